@@ -1,0 +1,22 @@
+"""ardir_tf: adversarially robust distillation with internal representations.
+
+Where each concept lives:
+    models       model builders with named stages; expose(model, names)
+    attacks      PGD and FGSM (Linf, L2) as functions of (model_fn, x, y)
+    losses       per-example losses: ce, kd_kl, ir_distance, pgd_at, trades,
+                 ard, rslad, ardir
+    distill      ARDIRDistiller: teacher + student, adversarial train_step
+    adversarial  AdversarialTrainer: robust teachers (PGD-AT, TRADES)
+    data         the embedded digits data set and tf.data pipelines
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from ardir_tf import attacks, data, losses, models  # noqa: E402
+from ardir_tf.adversarial import AdversarialTrainer  # noqa: E402
+from ardir_tf.distill import ARDIRDistiller  # noqa: E402
+
+__all__ = ["attacks", "data", "losses", "models", "AdversarialTrainer",
+           "ARDIRDistiller"]

@@ -1,0 +1,73 @@
+"""AdversarialTrainer: trains a robust model (a teacher) with PGD-AT or TRADES.
+
+Same attack, reduction and metric machinery as the distiller (`RobustModel`).
+"""
+
+import tensorflow as tf
+
+from ardir_tf import losses
+from ardir_tf.robust_model import RobustModel
+
+METHODS = ("pgd_at", "trades")
+
+
+class AdversarialTrainer(RobustModel):
+    """Adversarial training of `model` on PGD examples crafted against itself.
+
+    Args:
+      model: the keras.Model to train (pixels -> logits).
+      attack: an `attacks.PGD`.
+      method: "pgd_at" (Madry et al. 2018: CE on x', attack with the attack's
+        own loss) or "trades" (Zhang et al. 2019: CE on x plus
+        beta * KL(f(x) || f(x')), attack maximising that KL). TRADES' reference
+        code starts the attack at x + 0.001 * N(0, 1); this one starts where the
+        attack says (uniform in the ball with random_start=True).
+      beta: TRADES' robustness weight (6.0 in the paper).
+      eval_attack: attack used by `test_step`; defaults to `attack` with CE.
+
+    Metrics: loss, its terms (ce_adv; or ce and kl_adv), clean_accuracy,
+    adv_accuracy; test_step reports clean_accuracy and pgd_accuracy.
+    """
+
+    def __init__(self, model, attack=None, method="pgd_at", beta=6.0,
+                 eval_attack=None, name="adversarial_trainer", **kwargs):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+        if attack is None:
+            raise ValueError("attack is required, e.g. ardir_tf.attacks.PGD(eps=8/255, "
+                             "step_size=2/255, steps=10)")
+        losses.check_weight("beta", beta)
+        terms = ["ce_adv"] if method == "pgd_at" else ["ce", "kl_adv"]
+        super().__init__(model, attack, eval_attack, train_metrics=terms, name=name,
+                         **kwargs)
+        self.model = model
+        self.method, self.beta = method, float(beta)
+
+    @property
+    def network(self):
+        return self.model
+
+    def adversarial_examples(self, x, y):
+        """The PGD examples a training step crafts for the batch (x, y)."""
+        x, y = self._unpack((x, y))
+        if self.method == "pgd_at":
+            return self.attack(self._inference, x, y)
+        p_clean = tf.nn.softmax(tf.cast(self._inference(x), tf.float32))
+        return self.attack.replace(loss="kl")(self._inference, x, y, targets=p_clean)
+
+    def train_step(self, data):
+        x, y = self._unpack(data)
+        x_adv = self.adversarial_examples(x, y)
+        with tf.GradientTape() as tape:
+            logits_adv = self.model(x_adv, training=True)
+            if self.method == "pgd_at":
+                logits_clean = None
+                terms = losses.pgd_at(y, logits_adv)
+            else:
+                logits_clean = self.model(x, training=True)
+                terms = losses.trades(y, logits_clean, logits_adv, self.beta)
+            scaled = self.optimizer.scale_loss(self._reduce(terms["loss"]))
+        self._apply(tape, scaled)
+        if logits_clean is None:
+            logits_clean = self._inference(x)
+        return self._report(y, terms, logits_clean, logits_adv)

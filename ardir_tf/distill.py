@@ -1,0 +1,237 @@
+"""ARDIRDistiller: adversarial robust distillation with internal representations.
+
+Feels like `keras.distillation.Distiller` (teacher, student, layers named by
+string, `compile` + `fit`, `distiller.student` is the trained model) but is not
+built on it, for three reasons: Keras' Distiller trains on the clean input
+while ARDIR trains on PGD examples crafted against the student each step; its
+losses take a plain mean, which is wrong by the replica count under
+tf.distribute; and it runs the student twice to read features, where ARDIR
+needs one exposed forward pass per input.
+
+One training step (K = attack steps):
+    1. teacher(x), inference mode, once: logits and named features; they serve
+       both the attack objective and the loss.
+    2. x' = PGD on the student (inference mode) within the eps-ball around x.
+    3. student(x') (and student(x) when the loss has a clean term) in training
+       mode, under the tape; the method's per-example loss, reduced with the
+       global batch size; gradients to the student and the adapters only.
+About K + 2 student forward and K + 1 backward passes, plus one teacher
+forward pass.
+"""
+
+import keras
+import tensorflow as tf
+
+from ardir_tf import losses
+from ardir_tf.models import expose
+from ardir_tf.robust_model import RobustModel
+
+METHODS = ("ardir", "ard", "rslad")
+ATTACK_OBJECTIVES = ("ce", "kl", "ardir")
+
+
+def _feature_shape(view, name):
+    return tuple(view.output[name].shape[1:])
+
+
+def build_adapter(student_shape, teacher_shape, name):
+    """A small learned map from a student feature shape to a teacher's.
+
+    Feature maps [H, W, C]: a 1x1 convolution to the teacher's channels, then
+    bilinear resizing to the teacher's grid when it differs. Vectors [C]: a
+    dense layer. Trained with the student, never part of it.
+    """
+    if len(student_shape) != len(teacher_shape) or len(student_shape) not in (1, 3):
+        raise ValueError(
+            f"cannot adapt student features of shape {student_shape} to teacher "
+            f"features of shape {teacher_shape}: pair feature maps with feature "
+            "maps ([H, W, C]) or vectors with vectors ([C])")
+    layers = [keras.Input(shape=student_shape)]
+    if len(student_shape) == 1:
+        layers.append(keras.layers.Dense(teacher_shape[0], name=f"{name}_dense"))
+    else:
+        layers.append(keras.layers.Conv2D(teacher_shape[-1], 1, name=f"{name}_conv"))
+        if student_shape[:2] != teacher_shape[:2]:
+            layers.append(keras.layers.Resizing(*teacher_shape[:2],
+                                                name=f"{name}_resize"))
+    return keras.Sequential(layers, name=name)
+
+
+def _check_pairs(layers):
+    pairs = []
+    for pair in layers:
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or not all(isinstance(n, str) for n in pair)):
+            raise ValueError("layers must be (student_layer, teacher_layer) pairs of "
+                             f"layer names, e.g. [('stage2', 'stage3')]; got {pair!r}")
+        pairs.append(tuple(pair))
+    return pairs
+
+
+class ARDIRDistiller(RobustModel):
+    """Distils a robust teacher into a student on adversarial examples.
+
+    Args:
+      teacher: a trained keras.Model (pixels -> logits); frozen, always run in
+        inference mode.
+      student: the keras.Model to train (same input shape and classes).
+      layers: [(student_layer, teacher_layer), ...] whose representations the
+        IR term matches (method "ardir").
+      attack: an `attacks.PGD`; the attack run on the student each step.
+      method: "ardir" (ARD + IR term), "ard" (Goldblum et al. 2020) or "rslad"
+        (Zhu et al. 2022).
+      attack_objective: what PGD maximises: "ce" CE(s(x'), y) (ARD's), "kl"
+        KL(t(x) || s(x')) (RSLAD's), "ardir" the distillation loss itself; None
+        (default) keeps the attack's own loss.
+      alpha: weight of the distillation term against the clean term, in [0, 1].
+      temperature: softmax temperature of the KD term (ard, ardir).
+      ir_weight: weight of the IR term (ardir); 0 makes ARDIR equal to ARD.
+      distance: IR distance, "normalized_mse" (default), "mse" or "cosine".
+      adapters: when a pair's shapes differ, learn an adapter (True) or raise.
+      eval_attack: attack used by `test_step`; defaults to `attack` with CE.
+
+    Metrics: loss, each loss term by name (kd, ce, ir, kd_clean), clean_accuracy
+    and adv_accuracy (on the training adversarial batch); test_step reports
+    clean_accuracy and pgd_accuracy.
+    """
+
+    def __init__(self, teacher, student, layers=(), attack=None, method="ardir",
+                 attack_objective=None, alpha=0.9, temperature=1.0, ir_weight=1.0,
+                 distance="normalized_mse", adapters=True, eval_attack=None,
+                 name="ardir_distiller", **kwargs):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+        if attack_objective is not None and attack_objective not in ATTACK_OBJECTIVES:
+            raise ValueError(f"unknown attack_objective {attack_objective!r}; valid: "
+                             f"{', '.join(ATTACK_OBJECTIVES)} or None (the attack's own loss)")
+        if attack is None:
+            raise ValueError("attack is required, e.g. ardir_tf.attacks.PGD(eps=8/255, "
+                             "step_size=2/255, steps=10)")
+        losses.check_weight("alpha", alpha, 0.0, 1.0)
+        losses.check_weight("ir_weight", ir_weight)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if distance not in losses.DISTANCES:
+            raise ValueError(f"unknown distance {distance!r}; valid: "
+                             f"{', '.join(losses.DISTANCES)}")
+        pairs = _check_pairs(layers)
+        if method != "ardir" and pairs:
+            raise ValueError(f"layers are matched only by method='ardir'; method "
+                             f"{method!r} uses logits alone: drop layers=")
+        if method == "ardir" and ir_weight > 0 and not pairs:
+            raise ValueError("method='ardir' with ir_weight > 0 needs layers=[(student_layer, "
+                             "teacher_layer), ...]; without them it is ARD: use method='ard'")
+        if attack_objective == "ardir" and method != "ardir":
+            raise ValueError("attack_objective='ardir' needs method='ardir'")
+        super().__init__(student, attack, eval_attack,
+                         train_metrics=self._term_names(method, alpha, ir_weight),
+                         name=name, **kwargs)
+        self.student = student
+        self.teacher = teacher
+        teacher.trainable = False
+        self.method, self.attack_objective = method, attack_objective
+        self.alpha, self.temperature = float(alpha), float(temperature)
+        self.ir_weight, self.distance = float(ir_weight), distance
+        self.pairs = pairs if self.ir_weight > 0 else []
+
+        self._views.student = expose(student, [s for s, _ in self.pairs])
+        self._views.teacher = expose(teacher, [t for _, t in self.pairs])
+        s_in, t_in = self._views.student.input.shape, self._views.teacher.input.shape
+        if tuple(s_in[1:]) != tuple(t_in[1:]):
+            raise ValueError(f"teacher and student must take the same input; teacher "
+                             f"takes {tuple(t_in[1:])}, student {tuple(s_in[1:])}")
+        s_out = _feature_shape(self._views.student, "logits")
+        t_out = _feature_shape(self._views.teacher, "logits")
+        if s_out != t_out:
+            raise ValueError(f"teacher and student must have the same classes; teacher "
+                             f"logits have shape {t_out}, student {s_out}")
+        self.adapters = []
+        for i, (s, t) in enumerate(self.pairs):
+            s_shape = _feature_shape(self._views.student, s)
+            t_shape = _feature_shape(self._views.teacher, t)
+            if s_shape == t_shape:
+                self.adapters.append(None)
+            elif not adapters:
+                raise ValueError(
+                    f"student layer {s!r} has shape {s_shape} but teacher layer {t!r} "
+                    f"has shape {t_shape}; pass adapters=True to learn a map between them")
+            else:
+                self.adapters.append(build_adapter(s_shape, t_shape, f"adapter{i}_{s}_to_{t}"))
+
+    @staticmethod
+    def _term_names(method, alpha, ir_weight):
+        if method == "rslad":
+            return ["kd", "kd_clean"]
+        names = ["kd"] + (["ce"] if alpha < 1 else [])
+        return names + (["ir"] if method == "ardir" and ir_weight > 0 else [])
+
+    @property
+    def network(self):
+        return self.student
+
+    def _needs_clean_student(self):
+        return self.method == "rslad" or self.alpha < 1
+
+    def _adapted(self, student_out):
+        return [student_out[s] if a is None else a(student_out[s])
+                for (s, _), a in zip(self.pairs, self.adapters)]
+
+    def _teacher_features(self, teacher_out):
+        return [teacher_out[t] for _, t in self.pairs]
+
+    def _adversarial(self, x, y, teacher_out):
+        objective = self.attack_objective
+        if objective is None:
+            return self.attack(self._inference, x, y)
+        if objective == "ce":
+            return self.attack.replace(loss="ce")(self._inference, x, y)
+        t_logits = teacher_out["logits"]
+        if objective == "kl":
+            return self.attack.replace(loss="kl")(
+                self._inference, x, y, targets=tf.nn.softmax(tf.cast(t_logits, tf.float32)))
+
+        # "ardir": the terms of the loss that depend on x'.
+        t_features = self._teacher_features(teacher_out)
+
+        def ardir_objective(student_out, _):
+            value = self.alpha * losses.kd_kl(t_logits, student_out["logits"],
+                                              self.temperature)
+            if self.pairs:
+                value += self.ir_weight * losses.ir_term(
+                    self._adapted(student_out), t_features, self.distance)
+            return value
+
+        return self.attack.replace(loss=ardir_objective)(
+            lambda z: self._views.student(z, training=False), x, y)
+
+    def adversarial_examples(self, x, y):
+        """The PGD examples a training step would craft for the batch (x, y)."""
+        x, y = self._unpack((x, y))
+        return self._adversarial(x, y, self._views.teacher(x, training=False))
+
+    def _loss_terms(self, y, s_clean, s_adv, teacher_out):
+        t_logits = teacher_out["logits"]
+        if self.method == "rslad":
+            return losses.rslad(s_clean, s_adv["logits"], t_logits, self.alpha)
+        if self.method == "ard" or not self.pairs:
+            return losses.ard(y, s_clean, s_adv["logits"], t_logits, self.alpha,
+                              self.temperature)
+        return losses.ardir(y, s_clean, s_adv["logits"], t_logits,
+                            self._adapted(s_adv), self._teacher_features(teacher_out),
+                            self.alpha, self.temperature, self.ir_weight, self.distance)
+
+    def train_step(self, data):
+        x, y = self._unpack(data)
+        teacher_out = self._views.teacher(x, training=False)
+        x_adv = self._adversarial(x, y, teacher_out)
+        with tf.GradientTape() as tape:
+            s_adv = self._views.student(x_adv, training=True)
+            s_clean = (self.student(x, training=True)
+                       if self._needs_clean_student() else None)
+            terms = self._loss_terms(y, s_clean, s_adv, teacher_out)
+            scaled = self.optimizer.scale_loss(self._reduce(terms["loss"]))
+        self._apply(tape, scaled)
+        if s_clean is None:
+            s_clean = self._inference(x)
+        return self._report(y, terms, s_clean, s_adv["logits"])

@@ -1,0 +1,125 @@
+"""What every adversarial trainer here shares: reduction, update, metrics, test_step.
+
+`RobustModel` is a `keras.Model` wrapping the network being trained. Subclasses
+(`ARDIRDistiller`, `AdversarialTrainer`) write `train_step`; this base gives
+them the pieces whose correctness does not depend on the method:
+
+- per-example losses are reduced once with the global batch size
+  (`tf.nn.compute_average_loss`): Keras sums gradients across replicas, so a
+  per-replica mean would make the update N times too large on N replicas;
+- the loss is scaled for mixed precision inside the tape (`optimizer.scale_loss`);
+- a NaN or Inf loss stops training with an error instead of training on;
+- metrics are `keras.metrics.Mean` trackers fed per-example values, so they
+  report the mean over the global batch whatever the number of replicas;
+- `test_step` reports clean accuracy and accuracy under the evaluation attack.
+"""
+
+import types
+
+import keras
+import tensorflow as tf
+
+from ardir_tf import attacks
+
+
+def check_attack(attack, name="attack"):
+    if not isinstance(attack, attacks.PGD):
+        raise ValueError(
+            f"{name} must be an ardir_tf.attacks.PGD, e.g. "
+            f"PGD(eps=8/255, step_size=2/255, steps=10); got {attack!r}")
+    return attack
+
+
+def accuracy(y, logits):
+    """Per-example 0/1 correctness of argmax(logits) against integer labels."""
+    pred = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    return tf.cast(tf.equal(pred, tf.cast(y, tf.int32)), tf.float32)
+
+
+class RobustModel(keras.Model):
+    """Base of the adversarial trainers: see the module docstring.
+
+    Args:
+      network: the keras.Model being trained (the student, or the teacher-to-be).
+      attack: the training attack, an `attacks.PGD`.
+      eval_attack: the attack `test_step` (fit's validation, `evaluate`) uses;
+        defaults to `attack` with the CE loss.
+      train_metrics: names of the per-example terms `train_step` reports,
+        besides "loss", "clean_accuracy" and "adv_accuracy".
+    """
+
+    def __init__(self, network, attack, eval_attack=None, train_metrics=(),
+                 **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(network, keras.Model):
+            raise ValueError(f"expected a keras.Model to train, got {type(network).__name__}")
+        self.attack = check_attack(attack)
+        self.eval_attack = check_attack(
+            eval_attack if eval_attack is not None else attack.replace(loss="ce"),
+            "eval_attack")
+        names = ["loss", *train_metrics, "clean_accuracy", "adv_accuracy"]
+        self._train_trackers = {n: keras.metrics.Mean(name=n) for n in names}
+        # Distinct metric names for the test side, but reported under the
+        # plain keys (Keras prefixes them with "val_" during fit).
+        self._test_trackers = {n: keras.metrics.Mean(name=f"test_{n}")
+                               for n in ("clean_accuracy", "pgd_accuracy")}
+        # Views of the networks (exposed graphs sharing their layers) are kept
+        # out of Keras' tracking so each variable is saved once, under the
+        # network that owns it.
+        self._views = types.SimpleNamespace()
+
+    @property
+    def network(self):
+        raise NotImplementedError
+
+    @property
+    def metrics(self):
+        return [*self._train_trackers.values(), *self._test_trackers.values()]
+
+    def call(self, inputs, training=None):
+        return self.network(inputs, training=training)
+
+    @staticmethod
+    def _unpack(data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if y is None:
+            raise ValueError("adversarial training needs labels: give (x, y) batches")
+        if sample_weight is not None:
+            raise ValueError("sample weights are not supported; give (x, y) batches")
+        return tf.cast(x, tf.float32), tf.reshape(tf.cast(y, tf.int32), [-1])
+
+    def _inference(self, z):
+        return self.network(z, training=False)
+
+    def _reduce(self, per_example):
+        """The scalar to differentiate: sum over the replica's examples divided
+        by the global batch size."""
+        per_example = tf.debugging.check_numerics(
+            per_example, "the training loss is NaN or Inf (lower the learning "
+            "rate, or check the inputs are finite pixels in [0, 1])")
+        return tf.nn.compute_average_loss(per_example)
+
+    def _apply(self, tape, scaled_loss):
+        variables = self.trainable_variables
+        grads = tape.gradient(scaled_loss, variables)
+        self.optimizer.apply(grads, variables)
+
+    def _report(self, y, terms, logits_clean, logits_adv):
+        for name, values in terms.items():
+            self._train_trackers[name].update_state(values)
+        self._train_trackers["clean_accuracy"].update_state(accuracy(y, logits_clean))
+        self._train_trackers["adv_accuracy"].update_state(accuracy(y, logits_adv))
+        return {n: t.result() for n, t in self._train_trackers.items()}
+
+    def test_step(self, data):
+        x, y = self._unpack(data)
+        logits = self._inference(x)
+        x_adv = self.eval_attack(self._inference, x, y)
+        self._test_trackers["clean_accuracy"].update_state(accuracy(y, logits))
+        self._test_trackers["pgd_accuracy"].update_state(
+            accuracy(y, self._inference(x_adv)))
+        return {n: t.result() for n, t in self._test_trackers.items()}
+
+    def predict_step(self, data):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return self.network(x, training=False)

@@ -1,0 +1,146 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+from cleverhans.tf2.attacks.fast_gradient_method import fast_gradient_method
+from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
+
+from ardir_tf import attacks, models
+from conftest import DIGITS_ATTACK, batch
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = models.build("small_cnn", (8, 8, 1), 10, width=4)
+    return lambda z: model(z, training=False)
+
+
+def accuracy(model, x, y):
+    return float(np.mean(np.argmax(model(x, training=False), -1) == y))
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+@pytest.mark.parametrize("loss", ["ce", "cw"])
+def test_result_stays_in_the_ball_and_the_clip_range(tiny, norm, eps, loss):
+    x, y = batch(16)
+    x_adv = attacks.pgd(tiny, x, y, eps=eps, step_size=eps / 2, steps=5, norm=norm, loss=loss)
+    delta = (x_adv - x).numpy().reshape(16, -1)
+    if norm == "linf":
+        assert np.abs(delta).max() <= eps + 1e-6
+    else:
+        assert np.linalg.norm(delta, axis=1).max() <= eps + 1e-5
+    assert x_adv.numpy().min() >= 0.0 and x_adv.numpy().max() <= 1.0
+    assert np.abs(delta).max() > 0  # it moved
+
+
+def test_l2_attack_reaches_the_sphere(tiny):
+    # Big steps from x: each step lands outside the ball and is projected back.
+    x, y = batch(8)
+    x_adv = attacks.pgd(tiny, x, y, eps=0.5, step_size=1.0, steps=3, norm="l2",
+                        random_start=False, clip=None)
+    norms = np.linalg.norm((x_adv - x).numpy().reshape(8, -1), axis=1)
+    np.testing.assert_allclose(norms, 0.5, rtol=1e-4)
+
+
+def test_eps_zero_returns_x(tiny):
+    x, y = batch(4)
+    np.testing.assert_array_equal(attacks.pgd(tiny, x, y, eps=0, step_size=0.1, steps=3), x)
+    np.testing.assert_array_equal(attacks.fgsm(tiny, x, y, eps=0.0), x)
+
+
+def test_eager_and_tf_function_agree(tiny):
+    x, y = batch(8)
+    kw = dict(eps=0.1, step_size=0.02, steps=4, random_start=False)
+    eager = attacks.pgd(tiny, x, y, **kw)
+    graph = tf.function(lambda a, b: attacks.pgd(tiny, a, b, **kw))(x, y)
+    np.testing.assert_allclose(eager, graph, atol=1e-6)
+
+
+def _graph_size(model_fn, steps):
+    fn = tf.function(lambda a, b: attacks.pgd(model_fn, a, b, eps=0.1, step_size=0.01,
+                                              steps=steps))
+    graph = fn.get_concrete_function(tf.TensorSpec([None, 8, 8, 1]),
+                                     tf.TensorSpec([None], tf.int32)).graph.as_graph_def()
+    return len(graph.node) + sum(len(f.node_def) for f in graph.library.function)
+
+
+def test_step_loop_is_one_compiled_loop(tiny):
+    # The traced graph (what XLA or grappler compiles) is the same size for 10
+    # and 50 steps: the loop is a while op, not 50 copies of the step.
+    size10, size50 = _graph_size(tiny, 10), _graph_size(tiny, 50)
+    assert size10 == size50
+    assert size10 < 2 * _graph_size(tiny, 1) + 50
+
+
+def test_targeted_attack_moves_predictions_to_the_target(trained):
+    model = trained["natural"]
+    x, _ = batch(64, seed=5)
+    target = np.full(64, 3, np.int32)
+    fn = lambda z: model(z, training=False)  # noqa: E731
+    x_adv = attacks.pgd(fn, x, target, targets=target, eps=0.3, step_size=0.05, steps=20)
+    before = np.mean(np.argmax(fn(x), -1) == 3)
+    after = np.mean(np.argmax(fn(x_adv), -1) == 3)
+    assert after > max(0.8, before + 0.3)
+
+
+def test_kl_loss_pushes_away_from_the_reference(trained):
+    model = trained["natural"]
+    fn = lambda z: model(z, training=False)  # noqa: E731
+    x, y = batch(32, seed=6)
+    p = tf.nn.softmax(fn(x))
+    x_adv = attacks.pgd(fn, x, y, eps=0.2, step_size=0.05, steps=10, loss="kl", targets=p)
+    kl_adv = attacks.attack_objective("kl", fn(x_adv), y, p)
+    assert float(tf.reduce_mean(kl_adv)) > 1.0
+    with pytest.raises(ValueError, match="loss='kl' needs targets"):
+        attacks.pgd(fn, x, y, eps=0.2, step_size=0.05, steps=1, loss="kl")
+
+
+def test_pgd_is_stronger_than_fgsm_and_not_weaker_than_cleverhans(trained, digits):
+    _, (x_test, y_test) = digits
+    x, y = x_test, y_test
+    eps, step, steps = DIGITS_ATTACK["eps"], DIGITS_ATTACK["step_size"], DIGITS_ATTACK["steps"]
+    for name in ("teacher", "student"):
+        model = trained[name]
+        fn = lambda z: model(z, training=False)  # noqa: E731
+        tf.random.set_seed(0)
+        ours = accuracy(model, attacks.pgd(fn, x, y, eps=eps, step_size=step, steps=steps), y)
+        theirs = accuracy(model, projected_gradient_descent(
+            fn, x, eps, step, steps, np.inf, clip_min=0.0, clip_max=1.0, y=y,
+            rand_init=True, sanity_checks=False), y)
+        ours_fgsm = accuracy(model, attacks.fgsm(fn, x, y, eps=eps), y)
+        theirs_fgsm = accuracy(model, fast_gradient_method(
+            fn, x, eps, np.inf, clip_min=0.0, clip_max=1.0, y=y, sanity_checks=False), y)
+        # A robust model keeps between 10% and 90%: the comparison is not vacuous.
+        assert 0.1 < theirs < 0.9, (name, theirs)
+        assert ours <= theirs + 0.01, (name, ours, theirs)
+        assert abs(ours_fgsm - theirs_fgsm) <= 0.01, (name, ours_fgsm, theirs_fgsm)
+        assert ours <= ours_fgsm + 0.005, (name, ours, ours_fgsm)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(eps=-0.1), "eps must be >= 0"),
+    (dict(steps=0), "steps must be an integer >= 1"),
+    (dict(step_size=0.0), "step_size must be > 0"),
+    (dict(norm="l1"), "unknown norm 'l1'"),
+    (dict(loss="hinge"), "unknown attack loss 'hinge'"),
+    (dict(clip=(1.0, 0.0)), "clip must be"),
+])
+def test_bad_arguments_raise_value_errors(tiny, kwargs, message):
+    args = dict(eps=0.1, step_size=0.01, steps=3)
+    args.update(kwargs)
+    x, y = batch(2)
+    with pytest.raises(ValueError, match=message):
+        attacks.pgd(tiny, x, y, **args)
+    with pytest.raises(ValueError, match=message):
+        attacks.PGD(**args)
+
+
+def test_pgd_config_calls_pgd_and_replace_validates(tiny):
+    attack = attacks.PGD(eps=0.1, step_size=0.02, steps=3, random_start=False)
+    x, y = batch(4)
+    np.testing.assert_allclose(
+        attack(tiny, x, y),
+        attacks.pgd(tiny, x, y, eps=0.1, step_size=0.02, steps=3, random_start=False))
+    with pytest.raises(ValueError, match="steps"):
+        attack.replace(steps=-1)
+    with pytest.raises(Exception):
+        attack.eps = 0.5  # frozen
