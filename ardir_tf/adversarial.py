@@ -6,7 +6,7 @@ Same attack, reduction and metric machinery as the distiller (`RobustModel`).
 import tensorflow as tf
 
 from ardir_tf import losses
-from ardir_tf.robust_model import RobustModel
+from ardir_tf.robust_model import RobustModel, check_logits_model
 
 METHODS = ("pgd_at", "trades")
 
@@ -36,6 +36,10 @@ class AdversarialTrainer(RobustModel):
         if attack is None:
             raise ValueError("attack is required, e.g. ardir_tf.attacks.PGD(eps=8/255, "
                              "step_size=2/255, steps=10)")
+        check_logits_model(model, "model")
+        if method == "pgd_at" and getattr(attack, "loss", None) == "kl":
+            raise ValueError("pgd_at attacks with the attack's own loss, and loss='kl' needs a "
+                             "reference distribution: use loss='ce' or 'cw', or method='trades'")
         losses.check_weight("beta", beta)
         terms = ["ce_adv"] if method == "pgd_at" else ["ce", "kl_adv"]
         super().__init__(model, attack, eval_attack, train_metrics=terms, name=name,

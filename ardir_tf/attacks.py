@@ -14,6 +14,7 @@ Left out here: restarts, APGD, the Square attack (the evaluation suite's work).
 """
 
 import dataclasses
+import numbers
 from typing import Callable, Optional, Tuple, Union
 
 import tensorflow as tf
@@ -76,13 +77,13 @@ def attack_objective(loss, outputs, y, targets=None):
 
 def _check(eps, step_size, steps, norm, loss, clip):
     for name, v in (("eps", eps), ("step_size", step_size)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"{name} must be a Python number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise ValueError(f"{name} must be a number (not a tensor), got {v!r}")
     if eps < 0:
         raise ValueError(f"eps must be >= 0 (the radius of the threat ball), got {eps}")
     if step_size <= 0:
         raise ValueError(f"step_size must be > 0, got {step_size}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
@@ -128,7 +129,8 @@ def pgd(model_fn, x, y, *, eps, step_size, steps, norm="linf", loss="ce",
       steps: number of steps (>= 1).
       norm: "linf" or "l2".
       loss: see `attack_objective`.
-      random_start: start from a uniform point in the ball instead of x.
+      random_start: start from a random point in the ball instead of x (Linf:
+        uniform in the cube; L2: uniform direction, radius uniform in [0, eps]).
       clip: valid pixel range (low, high), or None for no clipping.
       targets: see `attack_objective`.
 
@@ -141,7 +143,7 @@ def pgd(model_fn, x, y, *, eps, step_size, steps, norm="linf", loss="ce",
     y = tf.convert_to_tensor(y)
     if eps == 0:
         return x
-    eps, step_size = float(eps), float(step_size)
+    eps, step_size, steps = float(eps), float(step_size), int(steps)
 
     def to_valid(x_adv):
         x_adv = x + _project(x_adv - x, eps, norm)
@@ -173,6 +175,7 @@ def fgsm(model_fn, x, y, *, eps, norm="linf", loss="ce", clip=(0.0, 1.0),
          targets=None):
     """Fast gradient (sign) method (Goodfellow et al. 2015): one step of size
     eps from x, no random start. Arguments as for `pgd`."""
+    _check(eps, 1.0, 1, norm, loss, clip)
     return pgd(model_fn, x, y, eps=eps, step_size=eps if eps > 0 else 1.0,
                steps=1, norm=norm, loss=loss, random_start=False, clip=clip,
                targets=targets)

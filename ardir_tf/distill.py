@@ -15,8 +15,9 @@ One training step (K = attack steps):
     3. student(x') (and student(x) when the loss has a clean term) in training
        mode, under the tape; the method's per-example loss, reduced with the
        global batch size; gradients to the student and the adapters only.
-About K + 2 student forward and K + 1 backward passes, plus one teacher
-forward pass.
+About K + 1 student forward and backward passes, one more forward (and
+backward) pass for the clean term when alpha < 1 (or one inference pass for the
+clean-accuracy metric when alpha = 1), plus one teacher forward pass.
 """
 
 import keras
@@ -24,9 +25,14 @@ import tensorflow as tf
 
 from ardir_tf import losses
 from ardir_tf.models import expose
-from ardir_tf.robust_model import RobustModel
+from ardir_tf.robust_model import RobustModel, check_logits_model
 
 METHODS = ("ardir", "ard", "rslad")
+# alpha and attack objective when not given: RSLAD's paper uses 5/6 and attacks
+# with its KL loss; ARD-style methods weigh the clean CE term lightly and use
+# the attack's own loss (CE unless the PGD says otherwise).
+DEFAULT_ALPHA = {"ardir": 0.9, "ard": 0.9, "rslad": 5 / 6}
+DEFAULT_OBJECTIVE = {"ardir": None, "ard": None, "rslad": "kl"}
 ATTACK_OBJECTIVES = ("ce", "kl", "ardir")
 
 
@@ -81,22 +87,31 @@ class ARDIRDistiller(RobustModel):
       method: "ardir" (ARD + IR term), "ard" (Goldblum et al. 2020) or "rslad"
         (Zhu et al. 2022).
       attack_objective: what PGD maximises: "ce" CE(s(x'), y) (ARD's), "kl"
-        KL(t(x) || s(x')) (RSLAD's), "ardir" the distillation loss itself; None
-        (default) keeps the attack's own loss.
-      alpha: weight of the distillation term against the clean term, in [0, 1].
-      temperature: softmax temperature of the KD term (ard, ardir).
+        KL(t(x) || s(x')) (RSLAD's), "ardir" the distillation loss itself. None:
+        "kl" for rslad, the attack's own loss (CE by default) otherwise.
+      alpha: weight of the distillation term against the clean term, in [0, 1];
+        None: 0.9 for ardir and ard, 5/6 for rslad.
+      temperature: softmax temperature of the KD term (ard, ardir; RSLAD's
+        soft labels are at temperature 1).
       ir_weight: weight of the IR term (ardir); 0 makes ARDIR equal to ARD.
       distance: IR distance, "normalized_mse" (default), "mse" or "cosine".
       adapters: when a pair's shapes differ, learn an adapter (True) or raise.
       eval_attack: attack used by `test_step`; defaults to `attack` with CE.
 
     Metrics: loss, each loss term by name (kd, ce, ir, kd_clean), clean_accuracy
-    and adv_accuracy (on the training adversarial batch); test_step reports
-    clean_accuracy and pgd_accuracy.
+    (training-mode logits when the loss has a clean term, else an inference
+    pass) and adv_accuracy (on the training adversarial batch); test_step
+    reports clean_accuracy and pgd_accuracy. There is no validation loss: give
+    callbacks monitor="val_pgd_accuracy" (mode="max").
+
+    Under a tf.distribute strategy each replica normalises its slice of the
+    batch in plain BatchNorm layers; build the models with
+    `models.build(..., sync_batchnorm=True)` (or `models.synchronize_batchnorm`)
+    for N replicas to train exactly like one device.
     """
 
     def __init__(self, teacher, student, layers=(), attack=None, method="ardir",
-                 attack_objective=None, alpha=0.9, temperature=1.0, ir_weight=1.0,
+                 attack_objective=None, alpha=None, temperature=1.0, ir_weight=1.0,
                  distance="normalized_mse", adapters=True, eval_attack=None,
                  name="ardir_distiller", **kwargs):
         if method not in METHODS:
@@ -107,15 +122,26 @@ class ARDIRDistiller(RobustModel):
         if attack is None:
             raise ValueError("attack is required, e.g. ardir_tf.attacks.PGD(eps=8/255, "
                              "step_size=2/255, steps=10)")
+        check_logits_model(teacher, "teacher")
+        check_logits_model(student, "student")
+        alpha = DEFAULT_ALPHA[method] if alpha is None else alpha
+        if attack_objective is None:
+            attack_objective = DEFAULT_OBJECTIVE[method]
+        if attack_objective is None and getattr(attack, "loss", None) == "kl":
+            raise ValueError("a PGD with loss='kl' needs the teacher's distribution: pass "
+                             "attack_objective='kl' to the distiller instead")
         losses.check_weight("alpha", alpha, 0.0, 1.0)
         losses.check_weight("ir_weight", ir_weight)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
                 or temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if method == "rslad" and temperature != 1:
+            raise ValueError(f"method='rslad' uses temperature 1 (its soft labels are the "
+                             f"teacher's plain softmax); got temperature={temperature}")
         if distance not in losses.DISTANCES:
             raise ValueError(f"unknown distance {distance!r}; valid: "
                              f"{', '.join(losses.DISTANCES)}")
-        pairs = _check_pairs(layers)
+        pairs = _check_pairs(layers or ())
         if method != "ardir" and pairs:
             raise ValueError(f"layers are matched only by method='ardir'; method "
                              f"{method!r} uses logits alone: drop layers=")
@@ -133,7 +159,7 @@ class ARDIRDistiller(RobustModel):
         self.method, self.attack_objective = method, attack_objective
         self.alpha, self.temperature = float(alpha), float(temperature)
         self.ir_weight, self.distance = float(ir_weight), distance
-        self.pairs = pairs if self.ir_weight > 0 else []
+        self.pairs = pairs
 
         self._views.student = expose(student, [s for s, _ in self.pairs])
         self._views.teacher = expose(teacher, [t for _, t in self.pairs])
@@ -147,7 +173,7 @@ class ARDIRDistiller(RobustModel):
             raise ValueError(f"teacher and student must have the same classes; teacher "
                              f"logits have shape {t_out}, student {s_out}")
         self.adapters = []
-        for i, (s, t) in enumerate(self.pairs):
+        for i, (s, t) in enumerate(self.pairs if self.ir_weight > 0 else ()):
             s_shape = _feature_shape(self._views.student, s)
             t_shape = _feature_shape(self._views.teacher, t)
             if s_shape == t_shape:
@@ -177,6 +203,13 @@ class ARDIRDistiller(RobustModel):
         return [student_out[s] if a is None else a(student_out[s])
                 for (s, _), a in zip(self.pairs, self.adapters)]
 
+    def _ir(self, student_out, teacher_features):
+        """The weighted IR term, or None when it is off."""
+        if not self.ir_weight:
+            return None
+        return self.ir_weight * losses.ir_term(self._adapted(student_out), teacher_features,
+                                               self.distance)
+
     def _teacher_features(self, teacher_out):
         return [teacher_out[t] for _, t in self.pairs]
 
@@ -197,10 +230,8 @@ class ARDIRDistiller(RobustModel):
         def ardir_objective(student_out, _):
             value = self.alpha * losses.kd_kl(t_logits, student_out["logits"],
                                               self.temperature)
-            if self.pairs:
-                value += self.ir_weight * losses.ir_term(
-                    self._adapted(student_out), t_features, self.distance)
-            return value
+            ir = self._ir(student_out, t_features)
+            return value if ir is None else value + ir
 
         return self.attack.replace(loss=ardir_objective)(
             lambda z: self._views.student(z, training=False), x, y)
@@ -214,12 +245,13 @@ class ARDIRDistiller(RobustModel):
         t_logits = teacher_out["logits"]
         if self.method == "rslad":
             return losses.rslad(s_clean, s_adv["logits"], t_logits, self.alpha)
-        if self.method == "ard" or not self.pairs:
+        if self.method == "ard":
             return losses.ard(y, s_clean, s_adv["logits"], t_logits, self.alpha,
                               self.temperature)
-        return losses.ardir(y, s_clean, s_adv["logits"], t_logits,
-                            self._adapted(s_adv), self._teacher_features(teacher_out),
-                            self.alpha, self.temperature, self.ir_weight, self.distance)
+        adapted = self._adapted(s_adv) if self.ir_weight else []
+        return losses.ardir(y, s_clean, s_adv["logits"], t_logits, adapted,
+                            self._teacher_features(teacher_out), self.alpha,
+                            self.temperature, self.ir_weight, self.distance)
 
     def train_step(self, data):
         x, y = self._unpack(data)

@@ -13,6 +13,9 @@ weighted per-example terms plus "loss", their sum, so a trainer can report every
 term by name.
 """
 
+import math
+import numbers
+
 import tensorflow as tf
 
 DISTANCES = ("normalized_mse", "mse", "cosine")
@@ -61,6 +64,11 @@ def ir_distance(student_features, teacher_features, distance="normalized_mse"):
     """
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
+    student_features, teacher_features = _f32(student_features), _f32(teacher_features)
+    s_shape, t_shape = tuple(student_features.shape[1:]), tuple(teacher_features.shape[1:])
+    if s_shape != t_shape:
+        raise ValueError(f"ir_distance needs features of one shape; student features "
+                         f"have shape {s_shape}, teacher features {t_shape}")
     u, v = _flatten(student_features), _flatten(teacher_features)
     if distance == "mse":
         return tf.reduce_mean(tf.square(u - v), axis=-1)
@@ -78,8 +86,9 @@ def _terms(**terms):
 
 def check_weight(name, value, low=0.0, high=None):
     """Raises ValueError unless low <= value (<= high)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < low or (high is not None and value > high):
         allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be {allowed}, got {value}")

@@ -30,6 +30,19 @@ def check_attack(attack, name="attack"):
     return attack
 
 
+def check_logits_model(model, role):
+    """Raises ValueError unless `model` is a keras.Model whose output is logits."""
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"the {role} must be a keras.Model, got {type(model).__name__}"
+                         + (" (load it first: keras.models.load_model(path))"
+                            if isinstance(model, str) else ""))
+    last = model.layers[-1] if model.layers else None
+    activation = getattr(last, "activation", None)
+    if isinstance(last, keras.layers.Softmax) or getattr(activation, "__name__", "") == "softmax":
+        raise ValueError(f"the {role} {model.name!r} ends in a softmax; the losses and attacks "
+                         "take logits: build it without the final softmax")
+
+
 def accuracy(y, logits):
     """Per-example 0/1 correctness of argmax(logits) against integer labels."""
     pred = tf.argmax(logits, axis=-1, output_type=tf.int32)
@@ -51,8 +64,6 @@ class RobustModel(keras.Model):
     def __init__(self, network, attack, eval_attack=None, train_metrics=(),
                  **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(network, keras.Model):
-            raise ValueError(f"expected a keras.Model to train, got {type(network).__name__}")
         self.attack = check_attack(attack)
         self.eval_attack = check_attack(
             eval_attack if eval_attack is not None else attack.replace(loss="ce"),
@@ -67,6 +78,10 @@ class RobustModel(keras.Model):
         # out of Keras' tracking so each variable is saved once, under the
         # network that owns it.
         self._views = types.SimpleNamespace()
+        # Every variable lives in already-built networks (and adapters built
+        # at construction), so this wrapper is built: save_weights and
+        # checkpoint callbacks work before and during fit.
+        self.built = True
 
     @property
     def network(self):
@@ -79,14 +94,30 @@ class RobustModel(keras.Model):
     def call(self, inputs, training=None):
         return self.network(inputs, training=training)
 
-    @staticmethod
-    def _unpack(data):
+    def _unpack(self, data):
+        """(pixels as float32, integer labels [batch]) with their contracts checked."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if y is None:
             raise ValueError("adversarial training needs labels: give (x, y) batches")
         if sample_weight is not None:
             raise ValueError("sample weights are not supported; give (x, y) batches")
-        return tf.cast(x, tf.float32), tf.reshape(tf.cast(y, tf.int32), [-1])
+        x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
+        if y.shape.rank not in (None, 1) and not (y.shape.rank == 2 and y.shape[-1] == 1):
+            raise ValueError(f"labels must be integer class ids of shape [batch], got shape "
+                             f"{tuple(y.shape)}; for one-hot labels pass their argmax")
+        x = tf.cast(x, tf.float32)
+        clip = self.attack.clip
+        if clip is not None:
+            # The attack clips to this range: 0-255 images would silently
+            # become black and white. A cheap check, once per batch.
+            low, high = tf.reduce_min(x), tf.reduce_max(x)
+            tf.debugging.assert_greater_equal(
+                low, float(clip[0]), message=f"inputs must be finite pixels in {clip} "
+                "(the attack's clip range); scale 0-255 images by 1/255")
+            tf.debugging.assert_less_equal(
+                high, float(clip[1]), message=f"inputs must be finite pixels in {clip} "
+                "(the attack's clip range); scale 0-255 images by 1/255")
+        return x, tf.reshape(tf.cast(y, tf.int32), [-1])
 
     def _inference(self, z):
         return self.network(z, training=False)

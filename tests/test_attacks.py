@@ -134,6 +134,13 @@ def test_bad_arguments_raise_value_errors(tiny, kwargs, message):
         attacks.PGD(**args)
 
 
+def test_numpy_scalars_are_accepted(tiny):
+    x, y = batch(2)
+    x_adv = attacks.pgd(tiny, x, y, eps=np.float32(0.1), step_size=np.float64(0.05),
+                        steps=np.int64(2))
+    assert np.abs(x_adv - x).max() <= 0.1 + 1e-6
+
+
 def test_pgd_config_calls_pgd_and_replace_validates(tiny):
     attack = attacks.PGD(eps=0.1, step_size=0.02, steps=3, random_start=False)
     x, y = batch(4)

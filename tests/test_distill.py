@@ -104,14 +104,72 @@ def test_ir_term_changes_the_gradients_of_early_layers():
 
 
 def test_ir_weight_zero_trains_exactly_like_ard():
+    # The ardir path (layers given, losses.ardir called) with ir_weight=0 and
+    # the ard path give bit-identical students.
     def run(**kw):
         keras.utils.set_random_seed(2)
         d = distiller(attack=FIXED_ATTACK, **kw)
         d.fit(dataset(), epochs=1, verbose=0)
         return weights(d.student)
 
-    for a, b in zip(run(method="ardir", ir_weight=0.0), run(method="ard", layers=[])):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    ardir = run(method="ardir", ir_weight=0.0, layers=[("stage1", "stage2")])
+    for a, b in zip(ardir, run(method="ard", layers=[])):
+        np.testing.assert_array_equal(a, b)
+
+
+def one_step(ir_weight, seed=6):
+    """The student's weights after one SGD step (lr 0.1) of a fresh distiller."""
+    keras.utils.set_random_seed(seed)
+    d = distiller(attack=FIXED_ATTACK, ir_weight=ir_weight, layers=[("stage1", "stage2")],
+                  optimizer=keras.optimizers.SGD(0.1))
+    start = weights(d.student)
+    d.fit(dataset(32), epochs=1, verbose=0)
+    return d, start, weights(d.student)
+
+
+def test_ir_term_changes_the_update_of_early_layers_in_the_distiller():
+    d0, start0, end0 = one_step(0.0)
+    d1, start1, end1 = one_step(1.0)
+    k = [w.path for w in d0.student.weights].index("s1_conv1/kernel")
+    np.testing.assert_array_equal(start0[k], start1[k])  # same start
+    step0, step1 = end0[k] - start0[k], end1[k] - start1[k]
+    assert np.abs(step1 - step0).max() > 0.05 * np.abs(step0).max()
+
+
+def test_attack_runs_in_inference_mode_and_the_update_in_training_mode():
+    # With lr 0 one step changes only BN moving statistics. They must be what
+    # exactly two training-mode calls give (x' then x): an attack run in
+    # training mode would have added K more updates.
+    keras.utils.set_random_seed(7)
+    teacher, student = tiny_pair()
+    d = distiller(teacher, student, attack=FIXED_ATTACK, optimizer=keras.optimizers.SGD(0.0))
+    x, y = batch(32)
+    x_adv = d.adversarial_examples(x, y)
+    twin = keras.models.clone_model(student)
+    twin.set_weights(student.get_weights())
+    twin(x_adv, training=True)
+    twin(x, training=True)
+    d.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(32), epochs=1, verbose=0)
+    moving = [i for i, w in enumerate(student.weights) if "moving" in w.path]
+    assert moving
+    for i in moving:
+        np.testing.assert_allclose(student.weights[i].numpy(), twin.weights[i].numpy(),
+                                   atol=1e-6)
+
+
+def test_standard_callbacks_work(tmp_path):
+    d = distiller()
+    stop = keras.callbacks.EarlyStopping(monitor="val_pgd_accuracy", mode="max", patience=1)
+    best = keras.callbacks.ModelCheckpoint(tmp_path / "best.weights.h5", save_weights_only=True,
+                                           monitor="val_pgd_accuracy", mode="max",
+                                           save_best_only=True)
+    log = keras.callbacks.CSVLogger(tmp_path / "history.csv")
+    h = d.fit(dataset(64), validation_data=dataset(32), epochs=6, verbose=0,
+              callbacks=[stop, best, log])
+    assert (tmp_path / "best.weights.h5").exists()
+    header = (tmp_path / "history.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "loss", "ir", "val_pgd_accuracy"} <= set(header)
+    assert len(h.history["loss"]) == len((tmp_path / "history.csv").read_text().splitlines()) - 1
 
 
 def test_each_attack_objective_is_the_one_maximised():
@@ -153,12 +211,22 @@ def test_rslad_and_ard_methods_report_their_terms():
     assert "ce" not in h.history and "kd" in h.history
 
 
-def test_evaluate_reports_clean_and_pgd_accuracy():
-    d = distiller()
-    result = d.evaluate(dataset(64), verbose=0, return_dict=True)
+def test_evaluate_reports_clean_and_pgd_accuracy(trained, digits):
+    _, (x_test, y_test) = digits
+    d = distiller(trained["teacher"], trained["student"], attack=trained["attack"])
+    result = d.evaluate(x_test, y_test, batch_size=128, verbose=0, return_dict=True)
     assert set(result) == {"clean_accuracy", "pgd_accuracy"}
-    assert result["pgd_accuracy"] <= result["clean_accuracy"]
-    h = d.fit(dataset(64), validation_data=dataset(64), epochs=1, verbose=0)
+    student = trained["student"]
+    clean = np.mean(np.argmax(student(x_test, training=False), -1) == y_test)
+    assert result["clean_accuracy"] == pytest.approx(clean, abs=1e-6)
+    x_adv = trained["attack"](lambda z: student(z, training=False), x_test, y_test)
+    robust = np.mean(np.argmax(student(x_adv, training=False), -1) == y_test)
+    assert result["pgd_accuracy"] == pytest.approx(robust, abs=0.03)  # random starts differ
+    assert result["pgd_accuracy"] < clean - 0.1
+
+
+def test_fit_with_validation_reports_val_metrics():
+    h = distiller().fit(dataset(64), validation_data=dataset(64), epochs=1, verbose=0)
     assert {"val_clean_accuracy", "val_pgd_accuracy"} <= set(h.history)
 
 
@@ -202,10 +270,37 @@ def test_one_device_and_two_replicas_train_the_same_weights():
     (dict(attack=None), "attack is required"),
     (dict(attack="pgd"), "must be an ardir_tf.attacks.PGD"),
     (dict(distance="l1"), "unknown distance 'l1'"),
+    (dict(alpha=float("nan")), "alpha must be a finite number"),
+    (dict(teacher="teacher.keras"), "teacher must be a keras.Model.*load_model"),
+    (dict(attack=ATTACK.replace(loss="kl")), "attack_objective='kl'"),
+    (dict(method="rslad", layers=[], temperature=4.0), "rslad' uses temperature 1"),
 ])
 def test_bad_arguments_say_which_and_why(kwargs, message):
+    if "teacher" in kwargs:
+        kwargs["student"] = tiny_pair()[1]
     with pytest.raises(ValueError, match=message):
         distiller(**kwargs)
+
+
+def test_models_ending_in_softmax_are_rejected():
+    teacher, _ = tiny_pair()
+    probs = keras.Model(teacher.input, keras.layers.Softmax()(teacher.output))
+    with pytest.raises(ValueError, match="ends in a softmax"):
+        distiller(probs, tiny_pair()[1])
+
+
+def test_rslad_defaults_follow_the_paper():
+    d = distiller(method="rslad", layers=[])
+    assert d.alpha == pytest.approx(5 / 6) and d.attack_objective == "kl"
+
+
+def test_bad_batches_get_clear_errors():
+    d = distiller()
+    x, y = batch(32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="scale 0-255 images by 1/255"):
+        d.fit(x * 255, y, batch_size=32, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="one-hot labels"):
+        d.fit(x, np.eye(10, dtype=np.float32)[y], batch_size=32, epochs=1, verbose=0)
 
 
 def test_teacher_and_student_must_agree_on_inputs_and_classes():
@@ -220,7 +315,7 @@ def test_teacher_and_student_must_agree_on_inputs_and_classes():
 
 def test_nan_loss_stops_training():
     d = distiller()
-    x, y = batch(32)
-    x[0, 0, 0, 0] = np.nan
+    bias = d.student.get_layer("logits").bias
+    bias.assign(np.full(bias.shape, np.nan, np.float32))
     with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or Inf"):
-        d.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(32), epochs=1, verbose=0)
+        d.fit(dataset(32), epochs=1, verbose=0)
