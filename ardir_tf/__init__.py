@@ -7,16 +7,21 @@ Where each concept lives:
                  ard, rslad, ardir
     distill      ARDIRDistiller: teacher + student, adversarial train_step
     adversarial  AdversarialTrainer: robust teachers (PGD-AT, TRADES)
-    data         the embedded digits data set and tf.data pipelines
+    data         digits (embedded), tfds sets, user .npz; tf.data pipelines
+    evaluate     clean and robust accuracy reports
+    training     optimisers and schedules; resumable training phases
+    workdir      a run's directory: atomic writes, never another run's
+    distribute   choosing the tf.distribute strategy
 """
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from ardir_tf import attacks, data, losses, models  # noqa: E402
+from ardir_tf import attacks, data, distribute, evaluate, losses, models  # noqa: E402
+from ardir_tf import training, workdir  # noqa: E402
 from ardir_tf.adversarial import AdversarialTrainer  # noqa: E402
 from ardir_tf.distill import ARDIRDistiller  # noqa: E402
 
-__all__ = ["attacks", "data", "losses", "models", "AdversarialTrainer",
-           "ARDIRDistiller"]
+__all__ = ["attacks", "data", "distribute", "evaluate", "losses", "models", "training",
+           "workdir", "AdversarialTrainer", "ARDIRDistiller"]

@@ -74,3 +74,16 @@ def batch(n=32, seed=0):
     rng = np.random.default_rng(seed)
     return (rng.random((n, 8, 8, 1), dtype=np.float32),
             rng.integers(0, 10, n).astype(np.int32))
+
+
+def write_npz(path, n_train=20, n_test=8, size=6, classes=4, **overrides):
+    """A user's .npz data set (uint8 images, integer labels); a key set to None
+    is left out. Returns the --dataset name, "npz:PATH"."""
+    rng = np.random.default_rng(0)
+    arrays = dict(x_train=rng.integers(0, 256, (n_train, size, size), dtype=np.uint8),
+                  y_train=np.arange(n_train) % classes,
+                  x_test=rng.integers(0, 256, (n_test, size, size), dtype=np.uint8),
+                  y_test=np.arange(n_test) % classes)
+    arrays.update(overrides)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return f"npz:{path}"

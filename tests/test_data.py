@@ -1,6 +1,10 @@
 import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from ardir_tf import data
+from conftest import write_npz
 
 
 def test_digits_split_is_stratified_seeded_and_in_range():
@@ -25,3 +29,52 @@ def test_pipeline_batches_with_the_given_size():
     assert sizes == [4, 4, 2]
     shuffled = np.concatenate([b[1].numpy() for b in data.pipeline(x, y, 4, shuffle=True)])
     assert sorted(shuffled) == list(range(10))
+
+
+def test_npz_loads_as_pixels_with_a_channel(tmp_path):
+    d = data.load(write_npz(tmp_path / "a.npz"), batch_size=8)
+    assert d.input_shape == (6, 6, 1) and d.num_classes == 4 and d.num_train == 20
+    x, y = next(iter(d.test))
+    assert x.dtype == tf.float32 and 0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(y_test=None), "missing key\\(s\\) y_test"),
+    (dict(x_train=np.zeros((20, 6), np.uint8)), "x_train must have rank 3"),
+    (dict(y_train=np.zeros((20, 2), np.int64)), "y_train must be one integer label per image"),
+    (dict(y_test=np.full(8, 9)), "labels outside \\[0, 3\\]"),
+    (dict(y_train=np.linspace(0, 3, 20)), "y_train must hold integers"),
+    (dict(x_test=np.full((8, 6, 6), 2.0)), "finite pixels in \\[0, 1\\]"),
+    (dict(x_test=np.zeros((8, 5, 5), np.uint8)), "test images are"),
+])
+def test_bad_npz_files_say_what_is_wrong(tmp_path, overrides, message):
+    with pytest.raises(data.DataError, match=message):
+        data.load(write_npz(tmp_path / "bad.npz", **overrides), batch_size=8)
+
+
+def test_unknown_names_and_missing_files():
+    with pytest.raises(data.DataError, match="unknown dataset 'imagenet'.*cifar10"):
+        data.load("imagenet", 8)
+    with pytest.raises(data.DataError, match="no file"):
+        data.load("npz:/no/such/file.npz", 8)
+
+
+def test_tfds_path_with_mock_data_and_augmentation():
+    with tfds.testing.mock_data(num_examples=16):
+        d = data.load("cifar10", batch_size=8)
+        x, y = next(iter(d.train))
+    assert d.input_shape == (32, 32, 3) and d.num_classes == 10
+    assert x.shape == (8, 32, 32, 3) and x.dtype == tf.float32 and y.dtype == tf.int32
+    assert 0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1
+
+
+def test_augmentation_crops_and_flips_keep_the_shape():
+    x = tf.reshape(tf.range(2 * 4 * 4 * 1, dtype=tf.float32), (2, 4, 4, 1))
+    augment = data._augmenter(2, True, (4, 4, 1))
+    outs = {augment(x[0], 0)[0].numpy().tobytes() for _ in range(20)}
+    assert all(len(o) == len(x[0].numpy().tobytes()) for o in outs) and len(outs) > 1
+
+
+def test_unprepared_tfds_set_fails_fast(tmp_path):
+    with pytest.raises(data.DataError, match="not prepared.*--download"):
+        data.load("mnist", 8, data_dir=str(tmp_path))

@@ -1,0 +1,105 @@
+"""A run's working directory: what it holds, and writing it without losing data.
+
+    flags.json      the settings of the run that owns the directory
+    natural.keras, teacher.keras, student.keras   finished models
+    history.csv     one row per (phase, epoch, metric): phase,epoch,name,value
+    metrics.json    one entry per evaluated model (natural, teacher, student)
+    logs/PHASE/     TensorBoard logs
+    backup/PHASE/   the last finished epoch of an interrupted phase (removed
+                    when the phase ends); the same command resumes from it
+
+Every file is written to a temporary name and renamed into place, so a kill
+leaves the old file or the new one, never half of one. A directory that holds
+another run's settings is never reused silently.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+
+class WorkdirError(ValueError):
+    """The directory belongs to another run, or cannot be used."""
+
+
+def _atomic_write(path, write):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class Workdir:
+    """The directory `path` of one run."""
+
+    SETTINGS = "flags.json"
+
+    def __init__(self, path):
+        self.root = os.path.abspath(path)
+
+    def path(self, *parts):
+        return os.path.join(self.root, *parts)
+
+    def exists(self, *parts):
+        return os.path.exists(self.path(*parts))
+
+    def read_json(self, name, default=None):
+        if not self.exists(name):
+            return default
+        with open(self.path(name)) as f:
+            return json.load(f)
+
+    def write_json(self, name, obj):
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=2, sort_keys=True)
+                f.write("\n")
+        _atomic_write(self.path(name), write)
+
+    def save_model(self, model, name):
+        """Saves `model` as NAME.keras, atomically."""
+        _atomic_write(self.path(f"{name}.keras"), model.save)
+        return self.path(f"{name}.keras")
+
+    def finish_phase(self, model, phase):
+        """Saves the phase's model as PHASE.keras, then drops its backup: in
+        that order, so a kill between the two loses nothing."""
+        path = self.save_model(model, phase)
+        shutil.rmtree(self.path("backup", phase), ignore_errors=True)
+        if os.path.isdir(self.path("backup")) and not os.listdir(self.path("backup")):
+            os.rmdir(self.path("backup"))
+        return path
+
+    def claim(self, settings, overwrite=False):
+        """Makes this directory the home of the run with `settings` (a dict).
+
+        A new or empty directory is claimed; one holding the same settings is
+        resumed; one holding other settings raises WorkdirError, unless
+        `overwrite`, which deletes its contents first.
+        """
+        previous = self.read_json(self.SETTINGS)
+        if previous is None and os.path.isdir(self.root) and os.listdir(self.root) \
+                and not overwrite:
+            raise WorkdirError(f"--workdir {self.root} is not empty and holds no run of "
+                               "ours (no flags.json); choose another --workdir")
+        if previous is not None and previous != settings:
+            if not overwrite:
+                changed = sorted(k for k in set(previous) | set(settings)
+                                 if previous.get(k) != settings.get(k))
+                detail = ", ".join(f"--{k} was {previous.get(k)!r}, now {settings.get(k)!r}"
+                                   for k in changed[:4])
+                raise WorkdirError(f"--workdir {self.root} holds another run ({detail}); "
+                                   "choose another --workdir, or pass --overwrite to replace it")
+        if overwrite and os.path.isdir(self.root):
+            shutil.rmtree(self.root)
+        os.makedirs(self.root, exist_ok=True)
+        self.write_json(self.SETTINGS, settings)
+        return previous == settings

@@ -1,0 +1,166 @@
+"""Every command-line flag of main.py, defined in one place, with its validator.
+
+`define_flags()` registers them with absl; bad values are rejected while the
+command line is parsed, before any work starts, with a one-line message. Preset
+flagfiles sit beside this file: `--flagfile=flags/cifar10.cfg`.
+"""
+
+import os
+
+from absl import flags
+
+from ardir_tf import data, distill, losses, models, training
+from ardir_tf import adversarial
+
+FLAGS = flags.FLAGS
+MODES = ("train_teacher", "distill", "evaluate", "export")
+PRESETS = os.path.dirname(os.path.abspath(__file__))
+
+
+class _FractionParser(flags.ArgumentParser):
+    """A float that may be written as a fraction: --eps=8/255."""
+
+    def parse(self, argument):
+        if isinstance(argument, (int, float)):
+            return float(argument)
+        text = str(argument).strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/")
+                return float(num) / float(den)
+            return float(text)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"expected a number such as 0.03 or 8/255, got {argument!r}")
+
+    def flag_type(self):
+        return "float"
+
+
+def _fraction(name, default, help_text):
+    flags.DEFINE(_FractionParser(), name, default, help_text)
+
+
+def _check(name, predicate, message):
+    flags.register_validator(name, predicate, message=f"--{name}: {message}")
+
+
+def _layer_pairs(values):
+    return [tuple(v.split(":")) for v in values]
+
+
+def define_flags():
+    """Registers the flags (once) and their validators."""
+    if "mode" in FLAGS:
+        return
+    # Run.
+    flags.DEFINE_enum("mode", "distill", MODES, "What to do.")
+    flags.DEFINE_string("workdir", None, "Where the run's files go "
+                        "(default: runs/<mode>-<dataset>-<method>).")
+    flags.DEFINE_integer("seed", 0, "Seed of weights, shuffling and attacks; the same "
+                         "seed gives the same run on a CPU.")
+    flags.DEFINE_boolean("overwrite", False, "Replace another run's files in --workdir.")
+    flags.DEFINE_integer("devices", 1, "Replicas: >1 mirrors over that many GPUs, or over "
+                         "logical devices split from the CPU.")
+    flags.DEFINE_integer("verbose", 1, "1: progress bars; 2: a line per epoch; 0: quiet.")
+    # Data.
+    flags.DEFINE_string("dataset", "digits", f"One of {', '.join(data.NAMES)}.")
+    flags.DEFINE_string("data_dir", None, "Where tensorflow-datasets keeps prepared data.")
+    flags.DEFINE_boolean("download", False, "Let tensorflow-datasets download a missing "
+                         "dataset (needs internet).")
+    flags.DEFINE_integer("batch_size", 64, "Global batch size (split over --devices).")
+    flags.DEFINE_boolean("augment", True, "Random crops and flips on tfds training data.")
+    # Models.
+    archs = list(models.BUILDERS)
+    flags.DEFINE_string("teacher", None, "A trained teacher (.keras). None: train one "
+                        "(or reuse <workdir>/teacher.keras).")
+    flags.DEFINE_enum("teacher_arch", "small_cnn", archs, "Architecture of a teacher to train.")
+    flags.DEFINE_integer("teacher_width", 32, "Width of the teacher (small_cnn, resnets: "
+                         "channels of the first stage; wide_resnet: widening factor).")
+    flags.DEFINE_integer("teacher_depth", 34, "Depth of a wide_resnet teacher (6n + 4).")
+    flags.DEFINE_enum("student_arch", "small_cnn", archs, "Architecture of the student.")
+    flags.DEFINE_integer("student_width", 16, "Width of the student (as --teacher_width).")
+    flags.DEFINE_integer("natural_epochs", 15, "Epochs of a naturally trained baseline with "
+                         "the student's architecture (0: none).")
+    # Attack.
+    _fraction("eps", 0.15, "Radius of the threat ball, in [0, 1] pixels (8/255 allowed).")
+    _fraction("step_size", None, "PGD step size (default eps/4).")
+    flags.DEFINE_integer("steps", 10, "PGD steps during training.")
+    flags.DEFINE_enum("norm", "linf", ["linf", "l2"], "Threat model norm.")
+    flags.DEFINE_boolean("random_start", True, "Start PGD at a random point in the ball.")
+    flags.DEFINE_integer("eval_steps", 20, "PGD steps when evaluating.")
+    flags.DEFINE_integer("eval_examples", 0, "Test examples to evaluate (0: all).")
+    # Method.
+    flags.DEFINE_enum("method", "ardir", list(distill.METHODS), "Distillation method.")
+    flags.DEFINE_enum("teacher_method", "pgd_at", list(adversarial.METHODS),
+                      "How a teacher is trained.")
+    flags.DEFINE_list("layers", ["stage2:stage2"], "student_layer:teacher_layer pairs "
+                      "matched by the IR term (method ardir).")
+    _fraction("alpha", None, "Weight of the distillation term, in [0, 1] (default: 0.9; "
+              "5/6 for rslad).")
+    flags.DEFINE_float("temperature", 1.0, "Temperature of the KD term.")
+    flags.DEFINE_float("ir_weight", 1.0, "Weight of the IR term (0: ARD).")
+    flags.DEFINE_enum("distance", "normalized_mse", list(losses.DISTANCES), "IR distance.")
+    flags.DEFINE_enum("attack_objective", None, list(distill.ATTACK_OBJECTIVES),
+                      "What PGD maximises while distilling (default: ce; kl for rslad).")
+    flags.DEFINE_float("trades_beta", 6.0, "TRADES' beta (teacher_method=trades).")
+    # Optimisation.
+    flags.DEFINE_integer("epochs", 15, "Epochs of distillation.")
+    flags.DEFINE_integer("teacher_epochs", 15, "Epochs of teacher training.")
+    flags.DEFINE_enum("optimizer", "adam", list(training.OPTIMIZERS), "Optimiser.")
+    flags.DEFINE_float("lr", 3e-3, "Learning rate.")
+    flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+    flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay.")
+    flags.DEFINE_enum("schedule", "constant", list(training.SCHEDULES), "Learning-rate schedule.")
+    flags.DEFINE_list("decay_epochs", [], "Epochs at which a piecewise schedule decays.")
+    flags.DEFINE_float("decay_factor", 0.1, "Piecewise decay factor.")
+    # Export.
+    flags.DEFINE_string("export_dir", None, "Where --mode=export writes (default: "
+                        "<workdir>/export).")
+
+    _check("eps", lambda v: v >= 0, "must be >= 0 (the radius of the threat ball)")
+    _check("step_size", lambda v: v is None or v > 0, "must be > 0")
+    _check("steps", lambda v: v >= 1, "must be >= 1")
+    _check("eval_steps", lambda v: v >= 1, "must be >= 1")
+    _check("eval_examples", lambda v: v >= 0, "must be >= 0 (0: all)")
+    _check("alpha", lambda v: v is None or 0 <= v <= 1, "must be in [0, 1]")
+    _check("temperature", lambda v: v > 0, "must be > 0")
+    _check("ir_weight", lambda v: v >= 0, "must be >= 0")
+    _check("trades_beta", lambda v: v >= 0, "must be >= 0")
+    _check("lr", lambda v: v > 0, "must be > 0")
+    for name in ("epochs", "teacher_epochs", "devices", "batch_size"):
+        _check(name, lambda v: v >= 1, "must be >= 1")
+    _check("natural_epochs", lambda v: v >= 0, "must be >= 0 (0: no baseline)")
+    _check("teacher_width", lambda v: v >= 1, "must be >= 1")
+    _check("student_width", lambda v: v >= 1, "must be >= 1")
+    _check("dataset", _valid_dataset, f"must be one of {', '.join(data.NAMES)} "
+           "(npz:PATH naming an existing file)")
+    _check("teacher", lambda v: v is None or (v.endswith(".keras") and os.path.isfile(v)),
+           "must name an existing .keras file")
+    _check("layers", lambda v: all(len(p) == 2 and all(p) for p in _layer_pairs(v)),
+           "must be student_layer:teacher_layer pairs, e.g. stage2:stage2,stage3:stage3")
+    _check("decay_epochs", lambda v: all(s.isdigit() for s in v),
+           "must be whole epoch numbers, e.g. 100,150")
+    flags.register_multi_flags_validator(
+        ["batch_size", "devices"], lambda f: f["batch_size"] % f["devices"] == 0,
+        message="--batch_size must be a multiple of --devices (each replica gets an equal share)")
+
+
+def _valid_dataset(name):
+    try:
+        data.check_name(name)
+        return True
+    except data.DataError:
+        return False
+
+
+def layer_pairs():
+    """--layers as [(student_layer, teacher_layer), ...]."""
+    return _layer_pairs(FLAGS.layers)
+
+
+def settings():
+    """The run-defining flags as a dict (for flags.json): all of ours but how the
+    run is displayed, whether it may overwrite, and the export/evaluation reach."""
+    skip = {"verbose", "overwrite", "eval_examples", "export_dir"}
+    own = FLAGS.flags_by_module_dict()[__name__]
+    return {f.name: f.value for f in own if f.name not in skip}

@@ -1,0 +1,257 @@
+"""ardir_tf from the command line.
+
+    python main.py --mode=distill                     # digits: natural, teacher, ARDIR student
+    python main.py --mode=train_teacher --flagfile=flags/cifar10.cfg
+    python main.py --mode=evaluate --workdir=runs/distill-digits-ardir
+    python main.py --mode=export --workdir=runs/distill-digits-ardir
+
+Reads as the run goes: strategy -> data -> models -> trainer -> fit -> evaluate
+-> export. The work is in ardir_tf; this file turns flags into its arguments.
+"""
+
+import os
+import sys
+
+# TensorFlow's C++ start-up lines (CUDA probing on a CPU machine, oneDNN notes)
+# are noise on a command line. TF 2.21 prints some before its log settings
+# apply, so the import runs with the C-level stderr pointed at /dev/null;
+# Python exceptions still surface. TF_CPP_MIN_LOG_LEVEL=0 shows everything.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _import_tensorflow_quietly():
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] < "2":
+        import tensorflow  # noqa: F401
+        return
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+_import_tensorflow_quietly()
+
+from absl import app  # noqa: E402
+
+import flags as cli  # noqa: E402
+
+cli.define_flags()
+FLAGS = cli.FLAGS
+
+
+def say(message):
+    print(message, flush=True)
+
+
+def fail(message):
+    """One line on stderr, no traceback, exit status 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+# --- models -----------------------------------------------------------------
+
+def build(arch, width, depth, data):
+    from ardir_tf import models
+    kwargs = {"small_cnn": dict(width=width), "resnet18": dict(width=width),
+              "preact_resnet18": dict(width=width), "wide_resnet": dict(depth=depth, width=width),
+              "mobilenet_v2": {}}[arch]
+    return models.build(arch, data.input_shape, data.num_classes,
+                        sync_batchnorm=FLAGS.devices > 1, **kwargs)
+
+
+def build_student(data):
+    return build(FLAGS.student_arch, FLAGS.student_width, 0, data)
+
+
+def check_layers(data):
+    """Fails fast when --layers names a layer the models do not have."""
+    import keras
+    from ardir_tf import models
+    if FLAGS.mode not in ("distill",) or FLAGS.method != "ardir" or FLAGS.ir_weight == 0:
+        return
+    pairs = cli.layer_pairs()
+    teacher = (keras.models.load_model(FLAGS.teacher) if FLAGS.teacher else
+               build(FLAGS.teacher_arch, FLAGS.teacher_width, FLAGS.teacher_depth, data))
+    for role, model, names in (("student", build_student(data), [s for s, _ in pairs]),
+                               ("teacher", teacher, [t for _, t in pairs])):
+        try:
+            models.expose(model, names)
+        except ValueError as err:
+            fail(f"--layers: {role} {err}")
+
+
+# --- trainers and phases ----------------------------------------------------
+
+def attack(steps):
+    from ardir_tf import attacks
+    step = FLAGS.step_size or FLAGS.eps / 4
+    return attacks.PGD(eps=FLAGS.eps, step_size=step if FLAGS.eps else 1.0, steps=steps,
+                       norm=FLAGS.norm, random_start=FLAGS.random_start)
+
+
+def optimizer(data, epochs):
+    from ardir_tf import training
+    return training.optimizer(
+        FLAGS.optimizer, FLAGS.lr, FLAGS.momentum, FLAGS.weight_decay, FLAGS.schedule,
+        epochs, training.steps_per_epoch(data.num_train, FLAGS.batch_size, data.train),
+        [int(e) for e in FLAGS.decay_epochs], FLAGS.decay_factor)
+
+
+def phase(workdir, name, data, epochs, make_trainable):
+    """Trains one phase, or reuses its finished model. Returns the model."""
+    import keras
+    from ardir_tf import training
+    if workdir.exists(f"{name}.keras"):
+        say(f"[{name}] reusing {workdir.path(name + '.keras')}")
+        return keras.models.load_model(workdir.path(f"{name}.keras"))
+    done = training.resumable_epoch(workdir, name)
+    say(f"[{name}] resuming after epoch {done} of {epochs}" if done else
+        f"[{name}] training for {epochs} epochs")
+    trainable, model, compile_args = make_trainable()
+    trainable.compile(optimizer=optimizer(data, epochs), **compile_args)
+    training.fit_phase(trainable, data.train, epochs, workdir, name, verbose=FLAGS.verbose)
+    say(f"[{name}] saved {workdir.finish_phase(model, name)}")
+    return model
+
+
+def natural_trainable(data):
+    import keras
+    model = build_student(data)
+    return model, model, dict(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                              metrics=["accuracy"])
+
+
+def teacher_trainable(data):
+    from ardir_tf import AdversarialTrainer
+    model = build(FLAGS.teacher_arch, FLAGS.teacher_width, FLAGS.teacher_depth, data)
+    return AdversarialTrainer(model, attack=attack(FLAGS.steps), method=FLAGS.teacher_method,
+                              beta=FLAGS.trades_beta), model, {}
+
+
+def student_trainable(data, teacher):
+    from ardir_tf import ARDIRDistiller
+    student = build_student(data)
+    layers = cli.layer_pairs() if FLAGS.method == "ardir" else []
+    return ARDIRDistiller(teacher=teacher, student=student, layers=layers,
+                          attack=attack(FLAGS.steps), method=FLAGS.method,
+                          attack_objective=FLAGS.attack_objective, alpha=FLAGS.alpha,
+                          temperature=FLAGS.temperature, ir_weight=FLAGS.ir_weight,
+                          distance=FLAGS.distance), student, {}
+
+
+def teacher_model(workdir, data):
+    import keras
+    if FLAGS.teacher:
+        say(f"[teacher] loading {FLAGS.teacher}")
+        return keras.models.load_model(FLAGS.teacher)
+    return phase(workdir, "teacher", data, FLAGS.teacher_epochs,
+                 lambda: teacher_trainable(data))
+
+
+# --- evaluation -------------------------------------------------------------
+
+def evaluate_and_report(workdir, data, trained):
+    from ardir_tf import evaluate
+    reports = {}
+    for name, model in trained.items():
+        say(f"[evaluate] {name}: clean and PGD-{FLAGS.eval_steps} at eps {FLAGS.eps:.4g}")
+        reports[name] = evaluate.evaluate(
+            model, data.test, {f"pgd{FLAGS.eval_steps}": attack(FLAGS.eval_steps)},
+            n_examples=FLAGS.eval_examples or None, verbose=int(FLAGS.verbose == 1),
+            total=data.num_test if data.num_test > 0 else None)
+    metrics = workdir.read_json("metrics.json", {})
+    metrics.update(reports)
+    workdir.write_json("metrics.json", metrics)
+    say("\n" + evaluate.format_table(reports))
+    say(f"\nwrote {workdir.path('metrics.json')}")
+
+
+# --- modes ------------------------------------------------------------------
+
+def train_teacher(workdir, data):
+    claim(workdir)
+    evaluate_and_report(workdir, data, {"teacher": teacher_model(workdir, data)})
+
+
+def distill(workdir, data):
+    claim(workdir)
+    trained = {}
+    if FLAGS.natural_epochs:
+        trained["natural"] = phase(workdir, "natural", data, FLAGS.natural_epochs,
+                                   lambda: natural_trainable(data))
+    trained["teacher"] = teacher = teacher_model(workdir, data)
+    trained["student"] = phase(workdir, "student", data, FLAGS.epochs,
+                               lambda: student_trainable(data, teacher))
+    evaluate_and_report(workdir, data, trained)
+
+
+def evaluate_mode(workdir, data):
+    import keras
+    found = {n: workdir.path(f"{n}.keras") for n in ("natural", "teacher", "student")
+             if workdir.exists(f"{n}.keras")}
+    if not found:
+        fail(f"no natural.keras, teacher.keras or student.keras in {workdir.root}; "
+             "train first (--mode=distill or --mode=train_teacher)")
+    evaluate_and_report(workdir, data, {n: keras.models.load_model(p) for n, p in found.items()})
+
+
+def export(workdir, data):
+    import keras
+    from ardir_tf.workdir import Workdir
+    if not workdir.exists("student.keras"):
+        fail(f"no student.keras in {workdir.root}; run --mode=distill first")
+    student = keras.models.load_model(workdir.path("student.keras"))
+    target = Workdir(FLAGS.export_dir or workdir.path("export"))
+    say(f"[export] wrote {target.save_model(student, 'student')}")
+
+
+def claim(workdir):
+    from ardir_tf.workdir import WorkdirError
+    try:
+        workdir.claim(cli.settings(), overwrite=FLAGS.overwrite)
+    except WorkdirError as err:
+        fail(str(err))
+
+
+MODES = {"train_teacher": train_teacher, "distill": distill, "evaluate": evaluate_mode,
+         "export": export}
+
+
+def default_workdir():
+    dataset = FLAGS.dataset.replace("npz:", "npz-").replace(os.sep, "_")
+    method = FLAGS.teacher_method if FLAGS.mode == "train_teacher" else FLAGS.method
+    mode = "distill" if FLAGS.mode in ("evaluate", "export") else FLAGS.mode
+    return os.path.join("runs", f"{mode}-{dataset}-{method}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; flags are written --name=value")
+    from ardir_tf import distribute
+    strategy = distribute.strategy(FLAGS.devices)  # first: it may split the CPU
+    import keras
+    import ardir_tf
+    from ardir_tf.workdir import Workdir
+
+    keras.utils.set_random_seed(FLAGS.seed)
+    try:
+        data = ardir_tf.data.load(FLAGS.dataset, FLAGS.batch_size, seed=FLAGS.seed,
+                                  data_dir=FLAGS.data_dir, download=FLAGS.download,
+                                  augment=FLAGS.augment)
+    except ardir_tf.data.DataError as err:
+        fail(str(err))
+    workdir = Workdir(FLAGS.workdir or default_workdir())
+    say(f"{FLAGS.mode}: {data.name} {data.input_shape}, {data.num_classes} classes, "
+        f"{strategy.num_replicas_in_sync} replica(s), workdir {workdir.root}")
+    with strategy.scope():
+        check_layers(data)
+        MODES[FLAGS.mode](workdir, data)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,235 @@
+"""main.py end to end, as a user runs it: subprocesses, real files, real exit codes."""
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import write_npz
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MAIN = str(ROOT / "main.py")
+SMOKE = f"--flagfile={ROOT / 'flags' / 'smoke.cfg'}"
+# Runs main.py inside tfds.testing.mock_data, so tfds code paths run offline.
+MOCKED = ("import runpy, sys, tensorflow_datasets as tfds\n"
+          "sys.argv = [sys.argv[0]] + sys.argv[1:]\n"
+          "with tfds.testing.mock_data(num_examples=64):\n"
+          f"    runpy.run_path({MAIN!r}, run_name='__main__')\n")
+
+
+def command(*args, mock_tfds=False):
+    head = [sys.executable, "-c", MOCKED] if mock_tfds else [sys.executable, MAIN]
+    return head + [SMOKE, *args]
+
+
+def run(*args, mock_tfds=False, timeout=600):
+    proc = subprocess.run(command(*args, mock_tfds=mock_tfds), cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    return proc
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def metrics(workdir):
+    return json.loads((pathlib.Path(workdir) / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("digits")
+    return workdir, ok(run(f"--workdir={workdir}"))
+
+
+def test_distill_on_digits_writes_the_run_and_prints_the_table(digits_run):
+    workdir, proc = digits_run
+    for name in ("natural.keras", "teacher.keras", "student.keras", "flags.json",
+                 "history.csv", "metrics.json"):
+        assert (workdir / name).is_file(), name
+    assert (workdir / "logs" / "student").is_dir()
+    assert not (workdir / "backup").exists()  # removed once every phase finished
+    m = metrics(workdir)
+    assert set(m) == {"natural", "teacher", "student"}
+    for report in m.values():
+        assert 0 <= report["robust_accuracy"]["pgd2"] <= report["clean_accuracy"] <= 1
+        assert report["n_examples"] == 64
+    lines = proc.stdout.splitlines()
+    header = next(i for i, l in enumerate(lines) if l.startswith("model"))
+    assert [l.split()[0] for l in lines[header + 2:header + 5]] == ["natural", "teacher",
+                                                                  "student"]
+    phases = {l.split(",")[0] for l in (workdir / "history.csv").read_text().splitlines()[1:]}
+    assert phases == {"natural", "teacher", "student"}
+    assert json.loads((workdir / "flags.json").read_text())["method"] == "ardir"
+
+
+def test_same_command_reuses_the_finished_run(digits_run):
+    workdir, _ = digits_run
+    before = metrics(workdir)
+    proc = ok(run(f"--workdir={workdir}"))
+    assert proc.stdout.count("reusing") == 3
+    after = metrics(workdir)
+    for name in before:
+        assert after[name]["clean_accuracy"] == before[name]["clean_accuracy"]
+
+
+def test_evaluate_and_export_modes(digits_run):
+    import keras
+    workdir, _ = digits_run
+    proc = ok(run("--mode=evaluate", f"--workdir={workdir}", "--eval_steps=3"))
+    assert "pgd3" in proc.stdout
+    assert "pgd3" in metrics(workdir)["student"]["robust_accuracy"]
+    ok(run("--mode=export", f"--workdir={workdir}"))
+    exported = keras.models.load_model(workdir / "export" / "student.keras")
+    original = keras.models.load_model(workdir / "student.keras")
+    x = np.random.default_rng(0).random((4, 8, 8, 1), dtype=np.float32)
+    np.testing.assert_allclose(exported(x), original(x), atol=1e-6)
+
+
+def test_train_teacher_mode(tmp_path):
+    proc = ok(run("--mode=train_teacher", "--teacher_method=trades", f"--workdir={tmp_path}"))
+    assert (tmp_path / "teacher.keras").is_file() and not (tmp_path / "student.keras").exists()
+    assert set(metrics(tmp_path)) == {"teacher"}
+    assert "teacher" in proc.stdout
+
+
+def test_distill_with_a_given_teacher_and_rslad(digits_run, tmp_path):
+    workdir, _ = digits_run
+    proc = ok(run(f"--teacher={workdir / 'teacher.keras'}", "--method=rslad",
+                  "--natural_epochs=0", f"--workdir={tmp_path}"))
+    assert "[teacher] loading" in proc.stdout
+    assert set(metrics(tmp_path)) == {"teacher", "student"}
+
+
+def test_every_mode_on_mocked_tfds_cifar10(tmp_path):
+    args = ["--dataset=cifar10", f"--workdir={tmp_path / 'distill'}"]
+    ok(run(*args, mock_tfds=True))
+    assert set(metrics(tmp_path / "distill")) == {"natural", "teacher", "student"}
+    ok(run("--mode=evaluate", *args, mock_tfds=True))
+    ok(run("--mode=export", *args, mock_tfds=True))
+    assert (tmp_path / "distill" / "export" / "student.keras").is_file()
+    ok(run("--mode=train_teacher", "--dataset=cifar10", f"--workdir={tmp_path / 'teacher'}",
+           mock_tfds=True))
+    assert set(metrics(tmp_path / "teacher")) == {"teacher"}
+
+
+def test_unprepared_tfds_dataset_fails_fast_with_how_to_prepare(tmp_path):
+    start = time.perf_counter()
+    proc = run("--dataset=cifar10", f"--data_dir={tmp_path / 'empty'}",
+               f"--workdir={tmp_path / 'run'}", timeout=120)
+    assert proc.returncode != 0
+    assert "not prepared" in proc.stderr and "--download" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert time.perf_counter() - start < 60  # seconds of start-up, not minutes of retries
+
+
+def test_kill_9_mid_training_then_the_same_command_resumes(tmp_path):
+    args = [f"--workdir={tmp_path}", "--natural_epochs=0", "--epochs=6"]
+    proc = subprocess.Popen(command(*args), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    history = tmp_path / "history.csv"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if history.exists() and "student,2," in history.read_text():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (tmp_path / "student.keras").exists()
+    again = ok(run(*args))
+    resumed = [l for l in again.stdout.splitlines() if l.startswith("[student] resuming after")]
+    assert resumed and int(resumed[0].split()[4]) >= 2, again.stdout
+    assert "[teacher] reusing" in again.stdout
+    rows = [l.split(",") for l in history.read_text().splitlines()[1:]]
+    epochs = sorted({int(r[1]) for r in rows if r[0] == "student" and r[2] == "loss"})
+    losses = [r for r in rows if r[0] == "student" and r[2] == "loss"]
+    assert epochs == [1, 2, 3, 4, 5, 6] and len(losses) == 6
+    assert (tmp_path / "student.keras").is_file()
+
+
+def test_same_seed_same_metrics(tmp_path):
+    reports = []
+    for name in ("a", "b"):
+        ok(run(f"--workdir={tmp_path / name}", "--seed=3"))
+        m = metrics(tmp_path / name)
+        for report in m.values():
+            report.pop("seconds")
+        reports.append(m)
+    assert reports[0] == reports[1]
+    assert ((tmp_path / "a" / "history.csv").read_text()
+            == (tmp_path / "b" / "history.csv").read_text())
+
+
+def test_another_runs_files_are_never_overwritten_silently(digits_run, tmp_path):
+    workdir, _ = digits_run
+    before = (workdir / "metrics.json").read_text()
+    proc = run(f"--workdir={workdir}", "--eps=0.1")
+    assert proc.returncode != 0
+    assert "holds another run" in proc.stderr and "--eps was 0.15, now 0.1" in proc.stderr
+    assert (workdir / "metrics.json").read_text() == before
+    stranger = tmp_path / "notes"
+    stranger.mkdir()
+    (stranger / "thesis.tex").write_text("mine")
+    proc = run(f"--workdir={stranger}")
+    assert proc.returncode != 0 and "holds no run of ours" in proc.stderr
+    assert (stranger / "thesis.tex").read_text() == "mine"
+
+
+def test_user_npz_dataset_trains(tmp_path):
+    dataset = write_npz(tmp_path / "mine.npz", n_train=40, n_test=12, size=8, classes=3)
+    ok(run(f"--dataset={dataset}", f"--workdir={tmp_path / 'run'}", "--batch_size=16"))
+    assert metrics(tmp_path / "run")["student"]["n_examples"] == 12
+
+
+BAD = {
+    "eps": (["--eps=-0.1"], "--eps: must be >= 0"),
+    "eps_text": (["--eps=abc"], "expected a number such as 0.03 or 8/255"),
+    "steps": (["--steps=0"], "--steps: must be >= 1"),
+    "dataset": (["--dataset=imagenet"], "--dataset: must be one of digits"),
+    "npz_missing_file": (["--dataset=npz:/no/such.npz"], "--dataset: must be one of"),
+    "arch": (["--student_arch=vgg"], "value should be one of"),
+    "method": (["--method=kd"], "value should be one of"),
+    "mode": (["--mode=train"], "value should be one of"),
+    "alpha": (["--alpha=1.5"], "--alpha: must be in [0, 1]"),
+    "replicas": (["--batch_size=63", "--devices=2"], "--batch_size must be a multiple of --devices"),
+    "teacher": (["--teacher=/no/teacher.keras"], "--teacher: must name an existing .keras file"),
+    "layers_format": (["--layers=stage2"], "--layers: must be student_layer:teacher_layer pairs"),
+    "layers_name": (["--layers=stage9:stage2"], "--layers: student layer 'stage9' not in model"),
+    "teacher_layer": (["--layers=stage2:stage7"], "--layers: teacher layer 'stage7' not in model"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """Every bad command line at once (they stop at start-up, so two cores suffice)."""
+    root = tmp_path_factory.mktemp("bad")
+    npz = write_npz(root / "nokeys.npz", size=8, y_test=None)
+    cases = dict(BAD, npz_keys=([f"--dataset={npz}"], "missing key(s) y_test"))
+    with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+        futures = {name: pool.submit(run, *args, f"--workdir={root / name}", timeout=300)
+                   for name, (args, _) in cases.items()}
+        return {name: (f.result(), cases[name][1]) for name, f in futures.items()}
+
+
+@pytest.mark.parametrize("case", [*BAD, "npz_keys"])
+def test_bad_flag_gets_a_one_line_message(bad_runs, case):
+    proc, message = bad_runs[case]
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    hit = [l for l in lines if message in l]
+    assert hit, proc.stderr[-3000:]
+    assert len(lines) <= 2, lines  # the message, and absl's pointer to --helpshort

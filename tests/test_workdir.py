@@ -1,0 +1,44 @@
+import json
+
+import pytest
+
+from ardir_tf.workdir import Workdir, WorkdirError
+
+
+def test_claim_resume_and_refuse(tmp_path):
+    wd = Workdir(tmp_path / "run")
+    assert wd.claim({"eps": 0.1}) is False  # new
+    assert wd.claim({"eps": 0.1}) is True   # same run: resume
+    wd.write_json("metrics.json", {"student": 1})
+    with pytest.raises(WorkdirError, match="--eps was 0.1, now 0.2"):
+        wd.claim({"eps": 0.2})
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == {"student": 1}
+    wd.claim({"eps": 0.2}, overwrite=True)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert json.loads((tmp_path / "run" / "flags.json").read_text()) == {"eps": 0.2}
+
+
+def test_a_directory_that_is_not_a_run_is_refused(tmp_path):
+    (tmp_path / "paper.tex").write_text("x")
+    with pytest.raises(WorkdirError, match="holds no run of ours"):
+        Workdir(tmp_path).claim({"eps": 0.1})
+    assert (tmp_path / "paper.tex").read_text() == "x"
+
+
+def test_a_failed_write_leaves_the_old_file(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.write_json("metrics.json", {"a": 1})
+
+    class Boom:
+        def save(self, path):
+            with open(path, "w") as f:
+                f.write("half")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        wd.save_model(Boom(), "student")
+    assert not (tmp_path / "student.keras").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary left
+    with pytest.raises(TypeError):
+        wd.write_json("metrics.json", {"a": object()})
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"a": 1}
