@@ -37,9 +37,12 @@ _import_tensorflow_quietly()
 
 from absl import app  # noqa: E402
 
+from absl import flags as absl_flags  # noqa: E402
+
 import flags as cli  # noqa: E402
 
 cli.define_flags()
+absl_flags.adopt_module_key_flags(cli)  # --help lists ours, not only main's
 FLAGS = cli.FLAGS
 
 
@@ -65,24 +68,43 @@ def build(arch, width, depth, data):
 
 
 def build_student(data):
-    return build(FLAGS.student_arch, FLAGS.student_width, 0, data)
+    return build(FLAGS.student_arch, FLAGS.student_width, FLAGS.student_depth, data)
 
 
-def check_layers(data):
-    """Fails fast when --layers names a layer the models do not have."""
+def load_teacher(path):
     import keras
+    try:
+        return keras.models.load_model(path)
+    except Exception as err:  # Keras raises many kinds for a bad file
+        fail(f"--teacher={path}: cannot load it as a Keras model: {str(err).splitlines()[0]}")
+
+
+def check_models(data):
+    """Fails fast, before any training, on models that cannot work together:
+    --layers naming layers the models lack, a --teacher for other data, shapes
+    no adapter can bridge. Builds the models and a distiller and drops them."""
     from ardir_tf import models
-    if FLAGS.mode not in ("distill",) or FLAGS.method != "ardir" or FLAGS.ir_weight == 0:
+    if FLAGS.mode != "distill":
         return
-    pairs = cli.layer_pairs()
-    teacher = (keras.models.load_model(FLAGS.teacher) if FLAGS.teacher else
+    teacher = (load_teacher(FLAGS.teacher) if FLAGS.teacher else
                build(FLAGS.teacher_arch, FLAGS.teacher_width, FLAGS.teacher_depth, data))
-    for role, model, names in (("student", build_student(data), [s for s, _ in pairs]),
-                               ("teacher", teacher, [t for _, t in pairs])):
-        try:
-            models.expose(model, names)
-        except ValueError as err:
-            fail(f"--layers: {role} {err}")
+    student = build_student(data)
+    t_in, t_out = tuple(teacher.inputs[0].shape[1:]), tuple(teacher.outputs[0].shape[1:])
+    if t_in != tuple(data.input_shape) or t_out != (data.num_classes,):
+        fail(f"--teacher takes {t_in} and gives {t_out}, but {data.name} has "
+             f"{tuple(data.input_shape)} images and {data.num_classes} classes")
+    if FLAGS.method == "ardir" and FLAGS.ir_weight > 0:
+        pairs = cli.layer_pairs()
+        for role, model, names in (("student", student, [s for s, _ in pairs]),
+                                   ("teacher", teacher, [t for _, t in pairs])):
+            try:
+                models.expose(model, names)
+            except ValueError as err:
+                fail(f"--layers: {role} {err}")
+    try:
+        student_trainable(data, teacher, student)
+    except ValueError as err:
+        fail(str(err))
 
 
 # --- trainers and phases ----------------------------------------------------
@@ -99,7 +121,7 @@ def optimizer(data, epochs):
     return training.optimizer(
         FLAGS.optimizer, FLAGS.lr, FLAGS.momentum, FLAGS.weight_decay, FLAGS.schedule,
         epochs, training.steps_per_epoch(data.num_train, FLAGS.batch_size, data.train),
-        [int(e) for e in FLAGS.decay_epochs], FLAGS.decay_factor)
+        [round(float(f) * epochs) for f in FLAGS.decay_at], FLAGS.decay_factor)
 
 
 def phase(workdir, name, data, epochs, make_trainable):
@@ -133,9 +155,9 @@ def teacher_trainable(data):
                               beta=FLAGS.trades_beta), model, {}
 
 
-def student_trainable(data, teacher):
+def student_trainable(data, teacher, student=None):
     from ardir_tf import ARDIRDistiller
-    student = build_student(data)
+    student = student or build_student(data)
     layers = cli.layer_pairs() if FLAGS.method == "ardir" else []
     return ARDIRDistiller(teacher=teacher, student=student, layers=layers,
                           attack=attack(FLAGS.steps), method=FLAGS.method,
@@ -145,10 +167,9 @@ def student_trainable(data, teacher):
 
 
 def teacher_model(workdir, data):
-    import keras
     if FLAGS.teacher:
         say(f"[teacher] loading {FLAGS.teacher}")
-        return keras.models.load_model(FLAGS.teacher)
+        return load_teacher(FLAGS.teacher)
     return phase(workdir, "teacher", data, FLAGS.teacher_epochs,
                  lambda: teacher_trainable(data))
 
@@ -165,7 +186,12 @@ def evaluate_and_report(workdir, data, trained):
             n_examples=FLAGS.eval_examples or None, verbose=int(FLAGS.verbose == 1),
             total=data.num_test if data.num_test > 0 else None)
     metrics = workdir.read_json("metrics.json", {})
-    metrics.update(reports)
+    for name, report in reports.items():
+        stored = metrics.get(name)
+        if stored and (stored["eps"], stored["norm"]) != (report["eps"], report["norm"]):
+            # Another threat model: kept beside the run's own numbers, not over them.
+            name = f"{name}@{report['norm']}-{report['eps']:g}"
+        metrics[name] = report
     workdir.write_json("metrics.json", metrics)
     say("\n" + evaluate.format_table(reports))
     say(f"\nwrote {workdir.path('metrics.json')}")
@@ -197,7 +223,12 @@ def evaluate_mode(workdir, data):
     if not found:
         fail(f"no natural.keras, teacher.keras or student.keras in {workdir.root}; "
              "train first (--mode=distill or --mode=train_teacher)")
-    evaluate_and_report(workdir, data, {n: keras.models.load_model(p) for n, p in found.items()})
+    loaded = {n: keras.models.load_model(p) for n, p in found.items()}
+    for name, model in loaded.items():
+        if tuple(model.inputs[0].shape[1:]) != tuple(data.input_shape):
+            fail(f"{name}.keras takes {tuple(model.inputs[0].shape[1:])} images but "
+                 f"{data.name} has {tuple(data.input_shape)}; pass the run's --dataset")
+    evaluate_and_report(workdir, data, loaded)
 
 
 def export(workdir, data):
@@ -238,6 +269,16 @@ def main(argv):
     import ardir_tf
     from ardir_tf.workdir import Workdir
 
+    workdir = Workdir(FLAGS.workdir or default_workdir())
+    if FLAGS.mode in ("evaluate", "export"):
+        try:
+            saved = workdir.read_json(Workdir.SETTINGS)
+        except ValueError:
+            fail(f"{workdir.path(Workdir.SETTINGS)} is not valid JSON")
+        if saved is None:
+            fail(f"no run in {workdir.root} (no flags.json); train first, or point "
+                 "--workdir at a run")
+        cli.adopt_run_settings(saved)
     keras.utils.set_random_seed(FLAGS.seed)
     try:
         data = ardir_tf.data.load(FLAGS.dataset, FLAGS.batch_size, seed=FLAGS.seed,
@@ -245,12 +286,19 @@ def main(argv):
                                   augment=FLAGS.augment)
     except ardir_tf.data.DataError as err:
         fail(str(err))
-    workdir = Workdir(FLAGS.workdir or default_workdir())
     say(f"{FLAGS.mode}: {data.name} {data.input_shape}, {data.num_classes} classes, "
         f"{strategy.num_replicas_in_sync} replica(s), workdir {workdir.root}")
-    with strategy.scope():
-        check_layers(data)
-        MODES[FLAGS.mode](workdir, data)
+    try:
+        with strategy.scope():
+            check_models(data)
+            MODES[FLAGS.mode](workdir, data)
+    except KeyboardInterrupt:
+        fail("interrupted; run the same command again to resume")
+    except (ValueError, OSError) as err:
+        if os.environ.get("ARDIR_DEBUG"):
+            raise
+        fail(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+             "(ARDIR_DEBUG=1 shows the traceback)")
 
 
 if __name__ == "__main__":

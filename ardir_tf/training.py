@@ -96,8 +96,11 @@ def resumable_epoch(workdir, phase):
     path = workdir.path("backup", phase, "training_metadata.json")
     if not os.path.exists(path):
         return 0
-    with open(path) as f:
-        return int(json.load(f).get("epoch", 0))
+    try:
+        with open(path) as f:
+            return int(json.load(f).get("epoch", 0))
+    except ValueError:  # cut short by a kill: Keras falls back to the older backup
+        return 0
 
 
 def fit_phase(trainable, train, epochs, workdir, phase, validation=None, verbose=1):
@@ -106,9 +109,14 @@ def fit_phase(trainable, train, epochs, workdir, phase, validation=None, verbose
     Returns the Keras History of this call (only the epochs it ran).
     """
     callbacks = [
-        # Two generations of backup: a kill while one is written leaves the other.
-        keras.callbacks.BackupAndRestore(workdir.path("backup", phase), double_checkpoint=True),
+        # The row first, then the backup: a kill between them leaves a row of an
+        # epoch that will be redone, which TidyHistory drops when it restarts.
         TidyHistory(workdir.path("history.csv"), phase),
+        # Two generations of backup (a kill while one is written leaves the
+        # other), kept after fit: Workdir.finish_phase removes them once the
+        # phase's model is saved.
+        keras.callbacks.BackupAndRestore(workdir.path("backup", phase), double_checkpoint=True,
+                                         delete_checkpoint=False),
         keras.callbacks.TensorBoard(workdir.path("logs", phase), write_graph=False),
     ]
     return trainable.fit(train, validation_data=validation, epochs=epochs,

@@ -78,16 +78,26 @@ class Workdir:
             os.rmdir(self.path("backup"))
         return path
 
+    # What a run writes here; --overwrite deletes these and nothing else.
+    OWNED = ("flags.json", "natural.keras", "teacher.keras", "student.keras", "history.csv",
+             "metrics.json", "logs", "backup", "export")
+
     def claim(self, settings, overwrite=False):
         """Makes this directory the home of the run with `settings` (a dict).
 
         A new or empty directory is claimed; one holding the same settings is
-        resumed; one holding other settings raises WorkdirError, unless
-        `overwrite`, which deletes its contents first.
+        resumed (returns True); one holding other settings raises WorkdirError,
+        unless `overwrite`, which first deletes what the other run wrote (only
+        that). A non-empty directory that is not a run is always refused.
         """
-        previous = self.read_json(self.SETTINGS)
-        if previous is None and os.path.isdir(self.root) and os.listdir(self.root) \
-                and not overwrite:
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise WorkdirError(f"--workdir {self.root} is a file, not a directory")
+        try:
+            previous = self.read_json(self.SETTINGS)
+        except ValueError:
+            raise WorkdirError(f"{self.path(self.SETTINGS)} is not valid JSON; is this a run "
+                               "of ours? Choose another --workdir") from None
+        if previous is None and os.path.isdir(self.root) and os.listdir(self.root):
             raise WorkdirError(f"--workdir {self.root} is not empty and holds no run of "
                                "ours (no flags.json); choose another --workdir")
         if previous is not None and previous != settings:
@@ -98,8 +108,12 @@ class Workdir:
                                    for k in changed[:4])
                 raise WorkdirError(f"--workdir {self.root} holds another run ({detail}); "
                                    "choose another --workdir, or pass --overwrite to replace it")
-        if overwrite and os.path.isdir(self.root):
-            shutil.rmtree(self.root)
+            for name in self.OWNED:
+                target = self.path(name)
+                if os.path.isdir(target):
+                    shutil.rmtree(target)
+                elif os.path.exists(target):
+                    os.remove(target)
         os.makedirs(self.root, exist_ok=True)
         self.write_json(self.SETTINGS, settings)
         return previous == settings

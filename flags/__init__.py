@@ -75,10 +75,12 @@ def define_flags():
                         "(or reuse <workdir>/teacher.keras).")
     flags.DEFINE_enum("teacher_arch", "small_cnn", archs, "Architecture of a teacher to train.")
     flags.DEFINE_integer("teacher_width", 32, "Width of the teacher (small_cnn, resnets: "
-                         "channels of the first stage; wide_resnet: widening factor).")
+                         "channels of the first stage; wide_resnet: widening factor; "
+                         "mobilenet_v2: not used).")
     flags.DEFINE_integer("teacher_depth", 34, "Depth of a wide_resnet teacher (6n + 4).")
     flags.DEFINE_enum("student_arch", "small_cnn", archs, "Architecture of the student.")
     flags.DEFINE_integer("student_width", 16, "Width of the student (as --teacher_width).")
+    flags.DEFINE_integer("student_depth", 16, "Depth of a wide_resnet student (6n + 4).")
     flags.DEFINE_integer("natural_epochs", 15, "Epochs of a naturally trained baseline with "
                          "the student's architecture (0: none).")
     # Attack.
@@ -111,7 +113,8 @@ def define_flags():
     flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
     flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay.")
     flags.DEFINE_enum("schedule", "constant", list(training.SCHEDULES), "Learning-rate schedule.")
-    flags.DEFINE_list("decay_epochs", [], "Epochs at which a piecewise schedule decays.")
+    flags.DEFINE_list("decay_at", ["0.5", "0.75"], "Where a piecewise schedule decays, as "
+                      "fractions of each phase's epochs (0.5,0.75 of 200 = epochs 100, 150).")
     flags.DEFINE_float("decay_factor", 0.1, "Piecewise decay factor.")
     # Export.
     flags.DEFINE_string("export_dir", None, "Where --mode=export writes (default: "
@@ -138,11 +141,33 @@ def define_flags():
            "must name an existing .keras file")
     _check("layers", lambda v: all(len(p) == 2 and all(p) for p in _layer_pairs(v)),
            "must be student_layer:teacher_layer pairs, e.g. stage2:stage2,stage3:stage3")
-    _check("decay_epochs", lambda v: all(s.isdigit() for s in v),
-           "must be whole epoch numbers, e.g. 100,150")
+    _check("decay_at", lambda v: all(_is_fraction(s) for s in v),
+           "must be fractions of the phase in (0, 1), e.g. 0.5,0.75")
+    for name in ("teacher_depth", "student_depth"):
+        _check(name, lambda v: v >= 10 and (v - 4) % 6 == 0,
+               "must be 6n + 4 (10, 16, 22, 28, 34, ...) for wide_resnet")
+    flags.register_multi_flags_validator(
+        ["method", "temperature"], lambda f: f["method"] != "rslad" or f["temperature"] == 1,
+        message="--temperature: method rslad uses temperature 1 (the teacher's plain softmax)")
+    flags.register_multi_flags_validator(
+        ["method", "attack_objective"],
+        lambda f: f["attack_objective"] != "ardir" or f["method"] == "ardir",
+        message="--attack_objective=ardir needs --method=ardir")
+    flags.register_multi_flags_validator(
+        ["method", "layers", "ir_weight"],
+        lambda f: f["method"] != "ardir" or f["ir_weight"] == 0 or f["layers"],
+        message="--layers: method ardir needs at least one student_layer:teacher_layer pair "
+                "(or --ir_weight=0, which is ARD)")
     flags.register_multi_flags_validator(
         ["batch_size", "devices"], lambda f: f["batch_size"] % f["devices"] == 0,
         message="--batch_size must be a multiple of --devices (each replica gets an equal share)")
+
+
+def _is_fraction(text):
+    try:
+        return 0 < float(text) < 1
+    except ValueError:
+        return False
 
 
 def _valid_dataset(name):
@@ -153,6 +178,18 @@ def _valid_dataset(name):
         return False
 
 
+# What --mode=evaluate and --mode=export take from the run's flags.json unless
+# given on the command line: the data and the threat model it was trained for.
+RUN_SETTINGS = ("dataset", "seed", "eps", "norm", "step_size", "batch_size")
+
+
+def adopt_run_settings(saved):
+    """Sets RUN_SETTINGS flags not given on the command line to the saved run's."""
+    for name in RUN_SETTINGS:
+        if name in saved and not FLAGS[name].present:
+            FLAGS[name].value = saved[name]
+
+
 def layer_pairs():
     """--layers as [(student_layer, teacher_layer), ...]."""
     return _layer_pairs(FLAGS.layers)
@@ -160,7 +197,8 @@ def layer_pairs():
 
 def settings():
     """The run-defining flags as a dict (for flags.json): all of ours but how the
-    run is displayed, whether it may overwrite, and the export/evaluation reach."""
-    skip = {"verbose", "overwrite", "eval_examples", "export_dir"}
+    run is displayed, whether it may overwrite, where prepared data lives, and
+    the export/evaluation reach."""
+    skip = {"verbose", "overwrite", "eval_examples", "export_dir", "download", "data_dir"}
     own = FLAGS.flags_by_module_dict()[__name__]
     return {f.name: f.value for f in own if f.name not in skip}

@@ -5,6 +5,9 @@ MirroredStrategy tests run on this machine; everything else uses CPU:0 as usual.
 """
 
 import os
+import pathlib
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -20,10 +23,10 @@ import keras  # noqa: E402
 
 import ardir_tf  # noqa: E402
 
-# The digits threat model used by the tests and quoted in the README.
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The digits threat model: main.py's defaults, quoted in the README.
 DIGITS_EPS = 0.15
 DIGITS_ATTACK = dict(eps=DIGITS_EPS, step_size=DIGITS_EPS / 4, steps=10)
-EPOCHS = 15
 
 
 @pytest.fixture(scope="session")
@@ -32,35 +35,25 @@ def digits():
 
 
 @pytest.fixture(scope="session")
-def digits_ds(digits):
-    (x_train, y_train), (x_test, y_test) = digits
-    return (ardir_tf.data.pipeline(x_train, y_train, 64, shuffle=True),
-            ardir_tf.data.pipeline(x_test, y_test, 256))
+def default_run(tmp_path_factory):
+    """The product's first door as a newcomer uses it: `python main.py
+    --mode=distill` with no other flag (but where to write, and no progress bars).
+    Natural baseline, PGD-AT teacher and ARDIR student on digits."""
+    workdir = tmp_path_factory.mktemp("default_run")
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--mode=distill",
+                           f"--workdir={workdir}", "--verbose=0"], cwd=workdir,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir, proc.stdout
 
 
 @pytest.fixture(scope="session")
-def trained(digits_ds):
-    """Natural, PGD-AT teacher and ARDIR student on digits, same epoch budget."""
-    train_ds, _ = digits_ds
-    attack = ardir_tf.attacks.PGD(**DIGITS_ATTACK)
-
-    keras.utils.set_random_seed(0)
-    natural = ardir_tf.models.build("small_cnn", (8, 8, 1), 10, width=16)
-    natural.compile(optimizer=keras.optimizers.Adam(3e-3),
-                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    natural.fit(train_ds, epochs=EPOCHS, verbose=0)
-
-    teacher = ardir_tf.models.build("small_cnn", (8, 8, 1), 10, width=32)
-    trainer = ardir_tf.AdversarialTrainer(teacher, attack=attack)
-    trainer.compile(optimizer=keras.optimizers.Adam(3e-3))
-    trainer.fit(train_ds, epochs=EPOCHS, verbose=0)
-
-    student = ardir_tf.models.build("small_cnn", (8, 8, 1), 10, width=16)
-    distiller = ardir_tf.ARDIRDistiller(teacher=teacher, student=student,
-                                        layers=[("stage2", "stage2")], attack=attack)
-    distiller.compile(optimizer=keras.optimizers.Adam(3e-3))
-    distiller.fit(train_ds, epochs=EPOCHS, verbose=0)
-    return dict(natural=natural, teacher=teacher, student=student, attack=attack)
+def trained(default_run):
+    workdir, _ = default_run
+    out = {name: keras.models.load_model(workdir / f"{name}.keras")
+           for name in ("natural", "teacher", "student")}
+    out["attack"] = ardir_tf.attacks.PGD(**DIGITS_ATTACK)
+    return out
 
 
 def tiny_pair(teacher_width=8, student_width=4, **build):

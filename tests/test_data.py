@@ -46,10 +46,18 @@ def test_npz_loads_as_pixels_with_a_channel(tmp_path):
     (dict(y_train=np.linspace(0, 3, 20)), "y_train must hold integers"),
     (dict(x_test=np.full((8, 6, 6), 2.0)), "finite pixels in \\[0, 1\\]"),
     (dict(x_test=np.zeros((8, 5, 5), np.uint8)), "test images are"),
+    (dict(x_train=np.zeros((0, 6, 6), np.uint8), y_train=np.zeros(0, np.int64)),
+     "x_train is empty"),
 ])
 def test_bad_npz_files_say_what_is_wrong(tmp_path, overrides, message):
     with pytest.raises(data.DataError, match=message):
         data.load(write_npz(tmp_path / "bad.npz", **overrides), batch_size=8)
+
+
+def test_a_single_array_file_is_not_an_npz(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    with pytest.raises(data.DataError, match="single array"):
+        data.load(f"npz:{tmp_path / 'x.npy'}", 8)
 
 
 def test_unknown_names_and_missing_files():
@@ -68,11 +76,33 @@ def test_tfds_path_with_mock_data_and_augmentation():
     assert 0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1
 
 
-def test_augmentation_crops_and_flips_keep_the_shape():
-    x = tf.reshape(tf.range(2 * 4 * 4 * 1, dtype=tf.float32), (2, 4, 4, 1))
+def test_augmentation_varies_keeps_the_shape_and_repeats_for_a_seed():
+    x = tf.reshape(tf.range(4 * 4, dtype=tf.float32), (4, 4, 1))
     augment = data._augmenter(2, True, (4, 4, 1))
-    outs = {augment(x[0], 0)[0].numpy().tobytes() for _ in range(20)}
-    assert all(len(o) == len(x[0].numpy().tobytes()) for o in outs) and len(outs) > 1
+    outs = [augment(x, 0, tf.constant([i, 7], tf.int64))[0].numpy() for i in range(20)]
+    assert all(o.shape == (4, 4, 1) for o in outs)
+    assert len({o.tobytes() for o in outs}) > 5
+    np.testing.assert_array_equal(augment(x, 0, tf.constant([3, 7], tf.int64))[0], outs[3])
+
+
+def epochs_of(d, n=2):
+    return [np.concatenate([b[0].numpy().ravel() for b in d.train]) for _ in range(n)]
+
+
+def test_a_seed_gives_the_same_augmented_epochs_and_epochs_differ():
+    with tfds.testing.mock_data(num_examples=32):
+        a = epochs_of(data.load("cifar10", 8, seed=4))
+        b = epochs_of(data.load("cifar10", 8, seed=4))
+        c = epochs_of(data.load("cifar10", 8, seed=5))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], a[1]) and not np.array_equal(a[0], c[0])
+
+
+def test_the_digits_test_set_does_not_depend_on_the_seed():
+    first = np.concatenate([y.numpy() for _, y in data.load("digits", 64, seed=0).test])
+    other = np.concatenate([y.numpy() for _, y in data.load("digits", 64, seed=9).test])
+    np.testing.assert_array_equal(first, other)
 
 
 def test_unprepared_tfds_set_fails_fast(tmp_path):

@@ -87,6 +87,11 @@ def test_evaluate_and_export_modes(digits_run):
     proc = ok(run("--mode=evaluate", f"--workdir={workdir}", "--eval_steps=3"))
     assert "pgd3" in proc.stdout
     assert "pgd3" in metrics(workdir)["student"]["robust_accuracy"]
+    # Another eps is stored beside the run's own entry, not over it.
+    before = metrics(workdir)["student"]
+    ok(run("--mode=evaluate", f"--workdir={workdir}", "--eval_steps=3", "--eps=0.05"))
+    after = metrics(workdir)
+    assert after["student"] == before and after["student@linf-0.05"]["eps"] == 0.05
     ok(run("--mode=export", f"--workdir={workdir}"))
     exported = keras.models.load_model(workdir / "export" / "student.keras")
     original = keras.models.load_model(workdir / "student.keras")
@@ -110,11 +115,13 @@ def test_distill_with_a_given_teacher_and_rslad(digits_run, tmp_path):
 
 
 def test_every_mode_on_mocked_tfds_cifar10(tmp_path):
-    args = ["--dataset=cifar10", f"--workdir={tmp_path / 'distill'}"]
-    ok(run(*args, mock_tfds=True))
+    workdir = f"--workdir={tmp_path / 'distill'}"
+    ok(run("--dataset=cifar10", workdir, mock_tfds=True))
     assert set(metrics(tmp_path / "distill")) == {"natural", "teacher", "student"}
-    ok(run("--mode=evaluate", *args, mock_tfds=True))
-    ok(run("--mode=export", *args, mock_tfds=True))
+    # evaluate and export take the data set from the run's flags.json.
+    proc = ok(run("--mode=evaluate", workdir, mock_tfds=True))
+    assert "cifar10 (32, 32, 3)" in proc.stdout
+    ok(run("--mode=export", workdir, mock_tfds=True))
     assert (tmp_path / "distill" / "export" / "student.keras").is_file()
     ok(run("--mode=train_teacher", "--dataset=cifar10", f"--workdir={tmp_path / 'teacher'}",
            mock_tfds=True))
@@ -149,9 +156,14 @@ def test_kill_9_mid_training_then_the_same_command_resumes(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert not (tmp_path / "student.keras").exists()
-    again = ok(run(*args))
+    again = ok(run(*args, "--verbose=2"))
+    # Row 2 is written before epoch 2's backup, so epoch 1's backup at least exists.
     resumed = [l for l in again.stdout.splitlines() if l.startswith("[student] resuming after")]
-    assert resumed and int(resumed[0].split()[4]) >= 2, again.stdout
+    assert resumed and int(resumed[0].split()[4]) >= 1, again.stdout
+    done = int(resumed[0].split()[4])
+    # The rerun trains only the epochs that were left (Keras prints "Epoch k/6").
+    ran = [l for l in again.stdout.splitlines() if l.startswith("Epoch ")]
+    assert ran == [f"Epoch {k}/6" for k in range(done + 1, 7)], again.stdout
     assert "[teacher] reusing" in again.stdout
     rows = [l.split(",") for l in history.read_text().splitlines()[1:]]
     epochs = sorted({int(r[1]) for r in rows if r[0] == "student" and r[2] == "loss"})
@@ -209,6 +221,12 @@ BAD = {
     "layers_format": (["--layers=stage2"], "--layers: must be student_layer:teacher_layer pairs"),
     "layers_name": (["--layers=stage9:stage2"], "--layers: student layer 'stage9' not in model"),
     "teacher_layer": (["--layers=stage2:stage7"], "--layers: teacher layer 'stage7' not in model"),
+    "layers_empty": (["--layers="], "method ardir needs at least one"),
+    "depth": (["--teacher_arch=wide_resnet", "--teacher_depth=30"], "must be 6n + 4"),
+    "rslad_temperature": (["--method=rslad", "--temperature=2"], "rslad uses temperature 1"),
+    "objective": (["--method=ard", "--attack_objective=ardir"], "needs --method=ardir"),
+    "decay_at": (["--decay_at=100"], "--decay_at: must be fractions"),
+    "adapter_rank": (["--layers=features:stage2"], "cannot adapt student features"),
 }
 
 
@@ -217,14 +235,21 @@ def bad_runs(tmp_path_factory):
     """Every bad command line at once (they stop at start-up, so two cores suffice)."""
     root = tmp_path_factory.mktemp("bad")
     npz = write_npz(root / "nokeys.npz", size=8, y_test=None)
-    cases = dict(BAD, npz_keys=([f"--dataset={npz}"], "missing key(s) y_test"))
+    corrupt = root / "corrupt.keras"
+    corrupt.write_text("not a model")
+    mnist_teacher = root / "mnist.keras"
+    import ardir_tf
+    ardir_tf.models.build("small_cnn", (28, 28, 1), 10, width=2).save(mnist_teacher)
+    cases = dict(BAD, npz_keys=([f"--dataset={npz}"], "missing key(s) y_test"),
+                 teacher_corrupt=([f"--teacher={corrupt}"], "cannot load it as a Keras model"),
+                 teacher_shape=([f"--teacher={mnist_teacher}"], "--teacher takes (28, 28, 1)"))
     with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
         futures = {name: pool.submit(run, *args, f"--workdir={root / name}", timeout=300)
                    for name, (args, _) in cases.items()}
         return {name: (f.result(), cases[name][1]) for name, f in futures.items()}
 
 
-@pytest.mark.parametrize("case", [*BAD, "npz_keys"])
+@pytest.mark.parametrize("case", [*BAD, "npz_keys", "teacher_corrupt", "teacher_shape"])
 def test_bad_flag_gets_a_one_line_message(bad_runs, case):
     proc, message = bad_runs[case]
     assert proc.returncode != 0

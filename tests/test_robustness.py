@@ -1,4 +1,6 @@
-"""End to end on digits: robust training and ARDIR distillation buy real robustness."""
+"""End to end on digits: the default command's teacher and ARDIR student are robust."""
+
+import json
 
 import numpy as np
 
@@ -27,3 +29,14 @@ def test_teacher_and_student_beat_a_natural_model_under_pgd(trained, digits):
     for name in ("teacher", "student"):
         assert acc[name][0] > 0.9, (name, acc)
         assert acc[name][1] > acc["natural"][1] + 0.4, (name, acc)
+
+
+def test_default_command_prints_and_writes_robust_numbers(default_run):
+    workdir, stdout = default_run
+    m = json.loads((workdir / "metrics.json").read_text())
+    pgd = {name: m[name]["robust_accuracy"]["pgd20"] for name in ("natural", "teacher", "student")}
+    assert m["student"]["n_examples"] == 360 and m["student"]["eps"] == 0.15
+    assert pgd["natural"] < 0.3
+    assert pgd["student"] > pgd["natural"] + 0.4 and pgd["teacher"] > pgd["natural"] + 0.4
+    row = next(line for line in stdout.splitlines() if line.startswith("student "))
+    assert f"{m['student']['clean_accuracy']:.4f}" in row and f"{pgd['student']:.4f}" in row

@@ -13,16 +13,22 @@ def test_claim_resume_and_refuse(tmp_path):
     with pytest.raises(WorkdirError, match="--eps was 0.1, now 0.2"):
         wd.claim({"eps": 0.2})
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == {"student": 1}
+    (tmp_path / "run" / "my_notes.txt").write_text("keep")
     wd.claim({"eps": 0.2}, overwrite=True)
     assert not (tmp_path / "run" / "metrics.json").exists()
+    assert (tmp_path / "run" / "my_notes.txt").read_text() == "keep"  # not the run's: kept
     assert json.loads((tmp_path / "run" / "flags.json").read_text()) == {"eps": 0.2}
 
 
 def test_a_directory_that_is_not_a_run_is_refused(tmp_path):
     (tmp_path / "paper.tex").write_text("x")
-    with pytest.raises(WorkdirError, match="holds no run of ours"):
-        Workdir(tmp_path).claim({"eps": 0.1})
+    for overwrite in (False, True):
+        with pytest.raises(WorkdirError, match="holds no run of ours"):
+            Workdir(tmp_path).claim({"eps": 0.1}, overwrite=overwrite)
     assert (tmp_path / "paper.tex").read_text() == "x"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(WorkdirError, match="is a file"):
+        Workdir(tmp_path / "file").claim({})
 
 
 def test_a_failed_write_leaves_the_old_file(tmp_path):
