@@ -2,7 +2,7 @@
 
 Where each concept lives:
     models       model builders with named stages; expose(model, names)
-    attacks      PGD and FGSM (Linf, L2) as functions of (model_fn, x, y)
+    attacks      PGD, FGSM, APGD (Linf, L2) as functions of (model_fn, x, y)
     losses       per-example losses: ce, kd_kl, ir_distance, pgd_at, trades,
                  ard, rslad, ardir
     distill      ARDIRDistiller: teacher + student, adversarial train_step

@@ -151,3 +151,63 @@ def test_pgd_config_calls_pgd_and_replace_validates(tiny):
         attack.replace(steps=-1)
     with pytest.raises(Exception):
         attack.eps = 0.5  # frozen
+
+
+def test_apgd_checkpoints_are_the_papers():
+    # Croce & Hein 2020: p = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99.
+    assert attacks._apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+
+
+def test_dlr_loss_golden_values():
+    z = tf.constant([[4.0, 1.0, 3.0, 0.0]])
+    # Untargeted, y = 0: -(4 - 3) / (4 - 1).
+    assert float(attacks.attack_objective("dlr", z, [0])[0]) == pytest.approx(-1 / 3)
+    # Targeted to t = 2, y = 0: -(4 - 3) / (4 - (1 + 0) / 2).
+    assert float(attacks.attack_objective("dlr", z, [0], targets=[2])[0]) == pytest.approx(-1 / 3.5)
+    # Scale-invariant: the same for 10x the logits.
+    assert float(attacks.attack_objective("dlr", 10 * z, [0])[0]) == pytest.approx(-1 / 3)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+def test_apgd_stays_in_the_ball_and_the_clip_range(tiny, norm, eps):
+    x, y = batch(16)
+    for x_adv in (attacks.apgd(tiny, x, y, eps=eps, steps=8, norm=norm),
+                  attacks.apgd(tiny, x, y, eps=eps, steps=8, norm=norm, loss="dlr"),
+                  attacks.apgd_targeted(tiny, x, y, eps=eps, steps=5, norm=norm, n_targets=2)):
+        delta = (x_adv - x).numpy().reshape(16, -1)
+        size = np.abs(delta).max(1) if norm == "linf" else np.linalg.norm(delta, axis=1)
+        assert size.max() <= eps + 1e-5
+        assert x_adv.numpy().min() >= 0.0 and x_adv.numpy().max() <= 1.0
+
+
+def test_apgd_is_one_compiled_loop(tiny):
+    def size(steps):
+        fn = tf.function(lambda a, b: attacks.apgd(tiny, a, b, eps=0.1, steps=steps))
+        g = fn.get_concrete_function(tf.TensorSpec([None, 8, 8, 1]),
+                                     tf.TensorSpec([None], tf.int32)).graph.as_graph_def()
+        return len(g.node) + sum(len(f.node_def) for f in g.library.function)
+
+    assert size(20) == size(100)
+
+
+def test_apgd_ce_is_at_least_as_strong_as_pgd_20(trained, digits):
+    _, (x, y) = digits
+    for name, eps in (("natural", 0.05), ("student", 0.15)):
+        model = trained[name]
+        fn = lambda z: model(z, training=False)  # noqa: E731
+        tf.random.set_seed(0)
+        pgd20 = accuracy(model, attacks.pgd(fn, x, y, eps=eps, step_size=eps / 4, steps=20), y)
+        apgd20 = accuracy(model, attacks.apgd(fn, x, y, eps=eps, steps=20), y)
+        assert 0.3 < pgd20 < 0.95, (name, pgd20)  # not a vacuous comparison
+        assert apgd20 <= pgd20 + 0.005, (name, apgd20, pgd20)
+
+
+def test_apgd_bad_arguments(tiny):
+    x, y = batch(2)
+    np.testing.assert_array_equal(attacks.apgd(tiny, x, y, eps=0.0, steps=5), x)
+    with pytest.raises(ValueError, match="apgd takes loss 'ce' or 'dlr'"):
+        attacks.apgd(tiny, x, y, eps=0.1, steps=5, loss="cw")
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        attacks.apgd(tiny, x, y, eps=-1.0)
+    with pytest.raises(ValueError, match="n_targets must be in \\[1, 9\\]"):
+        attacks.apgd_targeted(tiny, x, y, eps=0.1, n_targets=10)
