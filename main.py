@@ -9,6 +9,7 @@ Reads as the run goes: strategy -> data -> models -> trainer -> fit -> evaluate
 -> export. The work is in ardir_tf; this file turns flags into its arguments.
 """
 
+import functools
 import os
 import sys
 
@@ -71,7 +72,9 @@ def build_student(data):
     return build(FLAGS.student_arch, FLAGS.student_width, FLAGS.student_depth, data)
 
 
+@functools.cache
 def load_teacher(path):
+    """The --teacher model, loaded once (check_models and the run share it)."""
     import keras
     try:
         return keras.models.load_model(path)

@@ -9,8 +9,7 @@ import os
 
 from absl import flags
 
-from ardir_tf import data, distill, losses, models, training
-from ardir_tf import adversarial
+from ardir_tf import adversarial, data, distill, losses, models, training
 
 FLAGS = flags.FLAGS
 MODES = ("train_teacher", "distill", "evaluate", "export")
