@@ -180,24 +180,28 @@ def teacher_model(workdir, data):
 # --- evaluation -------------------------------------------------------------
 
 def evaluate_and_report(workdir, data, trained):
-    from ardir_tf import evaluate
+    from ardir_tf import evaluate, report
+    attacks = evaluate.suite(FLAGS.attacks, FLAGS.eps, FLAGS.norm, steps=FLAGS.eval_steps,
+                             step_size=FLAGS.step_size)
     reports = {}
     for name, model in trained.items():
-        say(f"[evaluate] {name}: clean and PGD-{FLAGS.eval_steps} at eps {FLAGS.eps:.4g}")
+        say(f"[evaluate] {name}: {', '.join(attacks)} at {FLAGS.norm} eps {FLAGS.eps:.4g}, "
+            "then the sanity checks")
         reports[name] = evaluate.evaluate(
-            model, data.test, {f"pgd{FLAGS.eval_steps}": attack(FLAGS.eval_steps)},
-            n_examples=FLAGS.eval_examples or None, verbose=int(FLAGS.verbose == 1),
-            total=data.num_test if data.num_test > 0 else None)
+            model, data.test, FLAGS.eps, FLAGS.norm, attacks,
+            n_examples=FLAGS.eval_examples or None, sequential=FLAGS.sequential_attacks,
+            seed=FLAGS.seed, verbose=int(FLAGS.verbose == 1))
     metrics = workdir.read_json("metrics.json", {})
-    for name, report in reports.items():
+    for name, result in reports.items():
         stored = metrics.get(name)
-        if stored and (stored["eps"], stored["norm"]) != (report["eps"], report["norm"]):
+        if stored and (stored["eps"], stored["norm"]) != (result["eps"], result["norm"]):
             # Another threat model: kept beside the run's own numbers, not over them.
-            name = f"{name}@{report['norm']}-{report['eps']:g}"
-        metrics[name] = report
+            name = f"{name}@{result['norm']}-{result['eps']:g}"
+        metrics[name] = result
     workdir.write_json("metrics.json", metrics)
-    say("\n" + evaluate.format_table(reports))
-    say(f"\nwrote {workdir.path('metrics.json')}")
+    plot = report.plot_eps(reports, workdir.path(f"robustness-{FLAGS.norm}-{FLAGS.eps:g}.png"))
+    say("\n" + report.format_table(reports))
+    say(f"\nwrote {workdir.path('metrics.json')} and {plot}")
 
 
 # --- modes ------------------------------------------------------------------

@@ -10,16 +10,23 @@ and inside a `train_step` under a tf.distribute strategy.
 The PGD step loop is a single `tf.while_loop`, so the traced graph, and the
 time to trace and compile it, does not grow with the number of steps.
 
-`apgd` is Croce & Hein's (2020) Auto-PGD with the CE or (targeted) DLR loss.
+`apgd` is Croce & Hein's (2020) Auto-PGD with the CE or (targeted) DLR loss,
+`apgd_targeted` its APGD-T form, and `square` Andriushchenko et al.'s (2020)
+Square attack, which needs no gradients (it catches gradient masking). CW-inf
+is `pgd(..., loss="cw")`. With `restarts`, an attack runs again from a new
+random start and keeps, per example, the first run that fooled the model.
 
-Left out here: the Square and FAB attacks (the evaluation suite's work).
+Left out: FAB-T (Croce & Hein 2020b), the fourth attack of AutoAttack's
+standard set. Square and APGD-T cover what it catches in their evaluation.
 """
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Callable, Optional, Tuple, Union
 
+import numpy as np
 import tensorflow as tf
 
 NORMS = ("linf", "l2")
@@ -127,15 +134,47 @@ def _project(delta, eps, norm):
 
 def _random_start(x, eps, norm):
     if norm == "linf":
-        return tf.random.uniform(tf.shape(x), -eps, eps)
+        if isinstance(eps, float):  # the same draw as cleverhans from the same seed
+            return tf.random.uniform(tf.shape(x), -eps, eps)
+        return tf.random.uniform(tf.shape(x), -1.0, 1.0) * eps
     direction = tf.random.normal(tf.shape(x))
     direction /= _per_example_norm(direction) + 1e-12
     radius = tf.random.uniform(tf.concat([tf.shape(x)[:1], tf.ones_like(tf.shape(x)[1:])], 0))
     return direction * radius * eps
 
 
+def _succeeded(model_fn, x_adv, y, targets=None):
+    """Per example: the model predicts a wrong class (or the target, when targeted)."""
+    pred = tf.argmax(_logits(model_fn(x_adv)), -1, output_type=tf.int32)
+    if targets is not None and targets.shape.rank == 1:
+        return tf.equal(pred, tf.cast(targets, tf.int32))
+    return tf.not_equal(pred, tf.cast(y, tf.int32))
+
+
+def _first_success(model_fn, y, runs, targets=None):
+    """Runs each attempt in `runs` (callables returning x_adv) and keeps, per
+    example, the first that succeeded, else the last attempt."""
+    x_adv = done = None
+    for i, run in enumerate(runs):
+        candidate = run()
+        ok = _succeeded(model_fn, candidate, y, targets)
+        if x_adv is None:
+            x_adv, done = candidate, ok
+            continue
+        take = tf.logical_and(tf.logical_not(done), tf.logical_or(ok, i == len(runs) - 1))
+        x_adv = tf.where(tf.reshape(take, [-1] + [1] * (x_adv.shape.rank - 1)), candidate,
+                         x_adv)
+        done = tf.logical_or(done, ok)
+    return x_adv
+
+
+def _check_restarts(restarts):
+    if isinstance(restarts, bool) or not isinstance(restarts, numbers.Integral) or restarts < 1:
+        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+
+
 def pgd(model_fn, x, y, *, eps, step_size, steps, norm="linf", loss="ce",
-        random_start=True, clip=(0.0, 1.0), targets=None):
+        random_start=True, clip=(0.0, 1.0), targets=None, restarts=1):
     """Projected gradient descent (Madry et al. 2018), untargeted or targeted.
 
     Args:
@@ -152,18 +191,49 @@ def pgd(model_fn, x, y, *, eps, step_size, steps, norm="linf", loss="ce",
         uniform in the cube; L2: uniform direction, radius uniform in [0, eps]).
       clip: valid pixel range (low, high), or None for no clipping.
       targets: see `attack_objective`.
+      restarts: runs from independent random starts (needs random_start when
+        > 1); per example the first run that succeeded is kept.
 
     Returns:
       Adversarial pixels, same shape as x, float32, within the eps-ball around
       x and within clip. The last iterate (as in Madry et al.), not the best.
     """
     _check(eps, step_size, steps, norm, loss, clip)
+    _check_restarts(restarts)
+    if restarts > 1 and not random_start:
+        raise ValueError("restarts > 1 needs random_start=True (each restart would "
+                         "repeat the same deterministic run)")
     x = tf.cast(tf.convert_to_tensor(x), tf.float32)
     y = tf.convert_to_tensor(y)
     if eps == 0:
         return x
     eps, step_size, steps = float(eps), float(step_size), int(steps)
+    if restarts > 1:
+        hard_labels = None if loss == "kl" or targets is None else tf.convert_to_tensor(targets)
+        once = functools.partial(pgd, model_fn, x, y, eps=eps, step_size=step_size,
+                                 steps=steps, norm=norm, loss=loss, clip=clip,
+                                 targets=targets)
+        return _first_success(model_fn, y, [once] * restarts, hard_labels)
+    return _pgd_loop(model_fn, x, y, eps, step_size, steps, norm, loss, random_start, clip,
+                     targets)
 
+
+def pgd_per_example(model_fn, x, y, *, eps, step_size, steps, norm="linf"):
+    """`pgd` (CE loss, random start, [0, 1] clip) with a radius and step size per
+    example: eps and step_size are [batch] tensors. One compiled loop then
+    attacks the same inputs at several radii (the eps sweep of
+    `ardir_tf.sanity`) by tiling them."""
+    _check(1.0, 1.0, steps, norm, "ce", (0.0, 1.0))
+    x = tf.cast(tf.convert_to_tensor(x), tf.float32)
+    shape = tf.concat([tf.shape(x)[:1], tf.ones_like(tf.shape(x)[1:])], 0)
+    eps = tf.reshape(tf.cast(eps, tf.float32), shape)
+    step_size = tf.reshape(tf.cast(step_size, tf.float32), shape)
+    return _pgd_loop(model_fn, x, tf.convert_to_tensor(y), eps, step_size, int(steps), norm,
+                     "ce", True, (0.0, 1.0), None)
+
+
+def _pgd_loop(model_fn, x, y, eps, step_size, steps, norm, loss, random_start, clip, targets):
+    """The PGD iterations; eps and step_size are floats or per-example tensors."""
     def to_valid(x_adv):
         x_adv = x + _project(x_adv - x, eps, norm)
         return x_adv if clip is None else tf.clip_by_value(x_adv, *clip)
@@ -215,16 +285,18 @@ class PGD:
     loss: Union[str, Callable] = "ce"
     random_start: bool = True
     clip: Optional[Tuple[float, float]] = (0.0, 1.0)
+    restarts: int = 1
 
     def __post_init__(self):
         _check(self.eps, self.step_size, self.steps, self.norm, self.loss,
                self.clip)
+        _check_restarts(self.restarts)
 
     def __call__(self, model_fn, x, y, targets=None):
         return pgd(model_fn, x, y, eps=self.eps, step_size=self.step_size,
                    steps=self.steps, norm=self.norm, loss=self.loss,
                    random_start=self.random_start, clip=self.clip,
-                   targets=targets)
+                   targets=targets, restarts=self.restarts)
 
     def replace(self, **changes):
         """A copy with some settings changed (validated again)."""
@@ -244,7 +316,7 @@ def _apgd_checkpoints(steps):
 
 
 def apgd(model_fn, x, y, *, eps, steps=100, norm="linf", loss="ce", targets=None,
-         clip=(0.0, 1.0), rho=0.75, momentum=0.75):
+         clip=(0.0, 1.0), rho=0.75, momentum=0.75, restarts=1):
     """Auto-PGD (Croce & Hein 2020): PGD with momentum and a step size that halves
     at checkpoints where progress stalled; returns the best point found.
 
@@ -255,6 +327,8 @@ def apgd(model_fn, x, y, *, eps, steps=100, norm="linf", loss="ce", targets=None
       rho: a checkpoint halves the step size unless the loss rose in at least
         this fraction of the steps since the last one.
       momentum: weight of the new step against the previous direction (0.75).
+      restarts: runs from independent random starts; per example the first
+        that fooled the model is kept.
 
     Returns:
       For each example, an iterate the model misclassified if there was one,
@@ -263,11 +337,17 @@ def apgd(model_fn, x, y, *, eps, steps=100, norm="linf", loss="ce", targets=None
     _check(eps, 1.0, steps, norm, loss, clip)
     if loss not in ("ce", "dlr"):
         raise ValueError(f"apgd takes loss 'ce' or 'dlr', got {loss!r}")
+    _check_restarts(restarts)
     x = tf.cast(tf.convert_to_tensor(x), tf.float32)
     y = tf.convert_to_tensor(y)
     if eps == 0:
         return x
     eps, steps = float(eps), int(steps)
+    if restarts > 1:
+        once = functools.partial(apgd, model_fn, x, y, eps=eps, steps=steps, norm=norm,
+                                 loss=loss, targets=targets, clip=clip, rho=rho,
+                                 momentum=momentum)
+        return _first_success(model_fn, y, [once] * restarts)
     checkpoint = tf.constant([k in set(_apgd_checkpoints(steps)) for k in range(steps + 1)])
     per_example = tf.concat([tf.shape(x)[:1], tf.ones_like(tf.shape(x)[1:])], 0)
 
@@ -349,26 +429,214 @@ def apgd(model_fn, x, y, *, eps, steps=100, norm="linf", loss="ce", targets=None
 
 
 def apgd_targeted(model_fn, x, y, *, eps, steps=100, norm="linf", n_targets=9,
-                  clip=(0.0, 1.0)):
+                  clip=(0.0, 1.0), restarts=1):
     """APGD-T: targeted APGD-DLR towards each of the `n_targets` classes the
-    model ranks highest on x after the true one; per example, the first target
-    that succeeds wins (else the last attempt). Costs n_targets APGD runs."""
+    model ranks highest on x after the true one (capped at the number of other
+    classes); per example, the first target that fools the model wins (else the
+    last attempt). Costs n_targets * restarts APGD runs."""
+    _check(eps, 1.0, steps, norm, "dlr", clip)
+    _check_restarts(restarts)
     x = tf.cast(tf.convert_to_tensor(x), tf.float32)
     y = tf.cast(tf.convert_to_tensor(y), tf.int32)
     logits = _logits(model_fn(x))
     n_classes = logits.shape[-1]
-    if not 1 <= n_targets <= n_classes - 1:
-        raise ValueError(f"n_targets must be in [1, {n_classes - 1}], got {n_targets}")
+    if isinstance(n_targets, bool) or not isinstance(n_targets, numbers.Integral) \
+            or n_targets < 1:
+        raise ValueError(f"n_targets must be an integer >= 1, got {n_targets!r}")
+    n_targets = min(int(n_targets), n_classes - 1)
     ranked = tf.argsort(logits, axis=-1, direction="DESCENDING", stable=True)
     # Drop the true class from the ranking, keep the order of the others.
     others = tf.reshape(tf.boolean_mask(ranked, tf.not_equal(ranked, y[:, None])),
                         [-1, n_classes - 1])
-    x_adv, fooled = x, tf.zeros_like(y, dtype=tf.bool)
-    for i in range(n_targets):
-        candidate = apgd(model_fn, x, y, eps=eps, steps=steps, norm=norm, loss="dlr",
-                         targets=others[:, i], clip=clip)
-        wrong = tf.not_equal(tf.argmax(_logits(model_fn(candidate)), -1, output_type=tf.int32), y)
-        take = tf.logical_and(tf.logical_not(fooled), tf.logical_or(wrong, i == n_targets - 1))
-        x_adv = tf.where(tf.reshape(take, [-1] + [1] * (len(x.shape) - 1)), candidate, x_adv)
-        fooled = tf.logical_or(fooled, wrong)
-    return x_adv
+    runs = [functools.partial(apgd, model_fn, x, y, eps=eps, steps=steps, norm=norm,
+                              loss="dlr", targets=others[:, i], clip=clip)
+            for i in range(n_targets) for _ in range(restarts)]
+    return _first_success(model_fn, y, runs)
+
+
+def _square_p(p_init, i, queries):
+    """Andriushchenko et al.'s schedule of the fraction of pixels a square
+    covers: p_init halved at fixed points of a 10,000-query budget (rescaled)."""
+    i = int(i / queries * 10000)
+    for bound, divisor in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32),
+                           (4000, 64), (6000, 128), (8000, 256), (10000, 512)):
+        if i <= bound:
+            return p_init / divisor
+    return p_init / 512
+
+
+def _eta_rectangles(a, b):
+    d = np.zeros([a, b])
+    if a == 0 or b == 0:
+        return d
+    r, c = a // 2, b // 2
+    for k in range(max(a // 2 + 1, b // 2 + 1)):
+        d[max(r, 0):min(r + 2 * k + 1, a), max(c, 0):min(c + 2 * k + 1, b)] += 1.0 / (k + 1) ** 2
+        r, c = r - 1, c - 1
+    return d / np.sqrt(np.sum(d ** 2))
+
+
+def _square_l2_pattern(s):
+    """The L2 Square attack's s x s update: two nested-rectangle bumps of
+    opposite sign, unit L2 norm."""
+    d = np.zeros([s, s])
+    d[: s // 2] = _eta_rectangles(s // 2, s)
+    d[s // 2:] = -_eta_rectangles(s - s // 2, s)
+    return (d / np.sqrt(np.sum(d ** 2))).astype(np.float32)
+
+
+def _window(n, starts, size):
+    """[batch, n] booleans: index in [start, start + size) for each example."""
+    idx = tf.range(n)[None, :]
+    return tf.logical_and(idx >= starts[:, None], idx < starts[:, None] + size)
+
+
+def square(model_fn, x, y, *, eps, queries=5000, norm="linf", p_init=0.8,
+           clip=(0.0, 1.0)):
+    """Square attack (Andriushchenko et al. 2020): random search for an
+    adversarial example that only queries the model's logits, never its
+    gradients, so gradient masking cannot hide a weak model from it.
+
+    Each query changes one random square window per example (Linf: the window
+    jumps to a vertex of the cube x +- eps; L2: mass moves between two windows,
+    keeping the perturbation on the sphere) and is kept if it lowers the
+    margin z_y - max_{j!=y} z_j. An example stops counting once fooled. The
+    window covers a fraction of the image that shrinks from p_init on the
+    paper's schedule.
+
+    Args:
+      model_fn, x, y, eps, norm, clip: as for `pgd`; x is [batch, H, W, C].
+      queries: model evaluations per example (AutoAttack uses 5000).
+      p_init: initial fraction of pixels a window covers (0.8 in AutoAttack).
+
+    Returns:
+      The lowest-margin point found per example (x itself where the clean
+      input is already misclassified), within the ball and clip.
+    """
+    _check(eps, 1.0, queries, norm, "ce", clip)
+    if not 0 < p_init <= 1:
+        raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
+    x = tf.cast(tf.convert_to_tensor(x), tf.float32)
+    y = tf.cast(tf.convert_to_tensor(y), tf.int32)
+    if x.shape.rank != 4 or None in x.shape[1:]:
+        raise ValueError(f"square needs images [batch, H, W, C] with known H, W, C; "
+                         f"got shape {x.shape}")
+    if eps == 0:
+        return x
+    eps = float(eps)
+    h, w, c = x.shape[1:]
+    batch = tf.shape(x)[0]
+    low, high = clip if clip is not None else (-np.inf, np.inf)
+
+    def margin(z):
+        logits = _logits(model_fn(z))
+        return _true_logit(logits, y) - _other_max(logits, y)
+
+    def signs(shape):
+        return 2.0 * tf.cast(tf.random.uniform(shape, 0, 2, tf.int32), tf.float32) - 1.0
+
+    def corners(s):
+        return (tf.random.uniform([batch], 0, h - s + 1, tf.int32),
+                tf.random.uniform([batch], 0, w - s + 1, tf.int32))
+
+    def mask(s, rows, cols):
+        m = tf.logical_and(_window(h, rows, s)[:, :, None], _window(w, cols, s)[:, None, :])
+        return tf.cast(m, tf.float32)[..., None]  # [batch, h, w, 1]
+
+    def l2_normalise(d):
+        return d / (_per_example_norm(d) + 1e-12)
+
+    if norm == "linf":
+        # Start: vertical stripes, each column at +eps or -eps.
+        start = x + eps * signs(tf.stack([batch, 1, w, c]))
+    else:
+        # Start: a grid of the pseudo-Gaussian bumps with random signs.
+        s0 = max(h // 5, 1)
+        tile = np.zeros([h, w], np.float32)
+        pattern = _square_l2_pattern(s0)
+        off = (h - s0 * (h // s0)) // 2, (w - s0 * (w // s0)) // 2
+        for i in range(h // s0):
+            for j in range(w // s0):
+                tile[off[0] + i * s0: off[0] + (i + 1) * s0,
+                     off[1] + j * s0: off[1] + (j + 1) * s0] = pattern
+        cell = np.zeros([h, w], np.int32)
+        for i in range(h // s0):
+            for j in range(w // s0):
+                cell[off[0] + i * s0: off[0] + (i + 1) * s0,
+                     off[1] + j * s0: off[1] + (j + 1) * s0] = i * (w // s0) + j
+        cell_signs = signs(tf.stack([batch, (h // s0) * (w // s0), c]))
+        delta = tf.gather(cell_signs, tf.reshape(cell, [-1]), axis=1)
+        delta = tf.reshape(delta, [batch, h, w, c]) * tile[None, :, :, None]
+        start = x + eps * l2_normalise(delta)
+    start = tf.clip_by_value(start, low, high)
+    m_clean = margin(x)
+    m_start = margin(start)
+    use_start = tf.logical_and(m_start < m_clean, m_clean > 0)
+    best = tf.where(use_start[:, None, None, None], start, x)
+    best_m = tf.minimum(m_start, m_clean)
+
+    def linf_candidate(best, s):
+        rows, cols = corners(s)
+        m = mask(s, rows, cols)
+        vertex = tf.clip_by_value(x + eps * signs(tf.stack([batch, 1, 1, c])), low, high)
+        return m * vertex + (1.0 - m) * best
+
+    def l2_candidate(best, s, pattern):
+        delta = best - x
+        r1, c1 = corners(s)
+        r2, c2 = corners(s)
+        m1, m2 = mask(s, r1, c1), mask(s, r2, c2)
+        # The pattern placed at each example's first window (transposed at random).
+        flip = tf.random.uniform([batch]) < 0.5
+        p = tf.where(flip[:, None, None], tf.transpose(pattern)[None], pattern[None])
+        inside_r = tf.clip_by_value(tf.range(h)[None, :] - r1[:, None], 0, s - 1)
+        inside_c = tf.clip_by_value(tf.range(w)[None, :] - c1[:, None], 0, s - 1)
+        placed = tf.gather(tf.gather(p, inside_r, axis=1, batch_dims=1), inside_c, axis=2,
+                           batch_dims=1)[..., None] * m1
+        window_norm = tf.sqrt(tf.reduce_sum(tf.square(delta * m1), [1, 2], keepdims=True))
+        image_norm = _per_example_norm(delta)
+        both_norm = _per_example_norm(delta * tf.maximum(m1, m2))
+        new = placed * signs(tf.stack([batch, 1, 1, c])) + delta * m1 / (window_norm + 1e-12)
+        new_norm = tf.sqrt(tf.reduce_sum(tf.square(new), [1, 2], keepdims=True))
+        # Budget for the window: what the two windows held plus what is left of eps.
+        budget = tf.sqrt(tf.maximum(eps ** 2 - image_norm ** 2, 0.0) / c + both_norm ** 2)
+        delta = delta * (1.0 - m2) * (1.0 - m1) + new / (new_norm + 1e-12) * budget
+        return tf.clip_by_value(x + eps * l2_normalise(delta), low, high)
+
+    # The window size of every query, from the schedule; one loop for all of
+    # them (a size is a tensor; L2 patterns are padded into one table).
+    n_features = h * w * c
+    sizes = []
+    for i in range(1, queries):
+        s = int(round(math.sqrt(_square_p(p_init, i, queries) * n_features / c)))
+        if norm == "linf":
+            s = min(max(s, 1), h - 1, w - 1) if min(h, w) > 1 else 1
+        else:
+            s = max(s, 3)
+            s = min(s + 1 if s % 2 == 0 else s, h, w)
+        sizes.append(s)
+    if not sizes:
+        return tf.stop_gradient(best)
+    distinct = sorted(set(sizes))
+    table = np.zeros([len(distinct), max(distinct), max(distinct)], np.float32)
+    for k, size in enumerate(distinct):
+        if norm == "l2":
+            table[k, :size, :size] = _square_l2_pattern(size)
+    size_of = tf.constant(sizes, tf.int32)
+    pattern_of = tf.constant([distinct.index(size) for size in sizes], tf.int32)
+    table = tf.constant(table)
+
+    def body(i, best, best_m):
+        size = size_of[i]
+        candidate = (linf_candidate(best, size) if norm == "linf"
+                     else l2_candidate(best, size, tf.gather(table, pattern_of[i])))
+        m = margin(candidate)
+        # Only examples not fooled yet move; a fooled one keeps its point.
+        take = tf.logical_and(m < best_m, best_m > 0)
+        return (i + 1, tf.where(take[:, None, None, None], candidate, best),
+                tf.where(take, m, best_m))
+
+    _, best, best_m = tf.while_loop(
+        lambda i, _, m: tf.logical_and(i < len(sizes), tf.reduce_any(m > 0)), body,
+        (tf.constant(0), best, best_m), maximum_iterations=len(sizes))
+    return tf.stop_gradient(best)

@@ -23,7 +23,9 @@ class WorkdirError(ValueError):
     """The directory belongs to another run, or cannot be used."""
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
+    """Calls write(tmp) on a temporary file beside `path`, then renames it over
+    `path`: readers see the old file or the new one, never half of one."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     suffix = os.path.splitext(path)[1]
@@ -62,11 +64,11 @@ class Workdir:
             with open(tmp, "w") as f:
                 json.dump(obj, f, indent=2, sort_keys=True)
                 f.write("\n")
-        _atomic_write(self.path(name), write)
+        atomic_write(self.path(name), write)
 
     def save_model(self, model, name):
         """Saves `model` as NAME.keras, atomically."""
-        _atomic_write(self.path(f"{name}.keras"), model.save)
+        atomic_write(self.path(f"{name}.keras"), model.save)
         return self.path(f"{name}.keras")
 
     def finish_phase(self, model, phase):

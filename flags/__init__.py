@@ -9,7 +9,7 @@ import os
 
 from absl import flags
 
-from ardir_tf import adversarial, data, distill, losses, models, training
+from ardir_tf import adversarial, data, distill, evaluate, losses, models, training
 
 FLAGS = flags.FLAGS
 MODES = ("train_teacher", "distill", "evaluate", "export")
@@ -90,6 +90,12 @@ def define_flags():
     flags.DEFINE_boolean("random_start", True, "Start PGD at a random point in the ball.")
     flags.DEFINE_integer("eval_steps", 20, "PGD steps when evaluating.")
     flags.DEFINE_integer("eval_examples", 0, "Test examples to evaluate (0: all).")
+    flags.DEFINE_list("attacks", ["fast"], "Attack presets to evaluate with: fast (FGSM, "
+                      "PGD-<eval_steps>, CW), standard (APGD-CE, APGD-T, Square; AutoAttack "
+                      "without FAB-T), or both: fast,standard.")
+    flags.DEFINE_boolean("sequential_attacks", False, "Run each attack only on the points "
+                         "the earlier ones left standing (AutoAttack's rule: same worst case, "
+                         "less time; per-attack columns become cumulative).")
     # Method.
     flags.DEFINE_enum("method", "ardir", list(distill.METHODS), "Distillation method.")
     flags.DEFINE_enum("teacher_method", "pgd_at", list(adversarial.METHODS),
@@ -124,6 +130,8 @@ def define_flags():
     _check("steps", lambda v: v >= 1, "must be >= 1")
     _check("eval_steps", lambda v: v >= 1, "must be >= 1")
     _check("eval_examples", lambda v: v >= 0, "must be >= 0 (0: all)")
+    _check("attacks", lambda v: bool(v) and set(v) <= set(evaluate.SUITES),
+           f"must be one or more of {', '.join(evaluate.SUITES)}, comma-separated")
     _check("alpha", lambda v: v is None or 0 <= v <= 1, "must be in [0, 1]")
     _check("temperature", lambda v: v > 0, "must be > 0")
     _check("ir_weight", lambda v: v >= 0, "must be >= 0")
@@ -198,6 +206,7 @@ def settings():
     """The run-defining flags as a dict (for flags.json): all of ours but how the
     run is displayed, whether it may overwrite, where prepared data lives, and
     the export/evaluation reach."""
-    skip = {"verbose", "overwrite", "eval_examples", "export_dir", "download", "data_dir"}
+    skip = {"verbose", "overwrite", "eval_examples", "export_dir", "download", "data_dir",
+            "attacks", "sequential_attacks"}
     own = FLAGS.flags_by_module_dict()[__name__]
     return {f.name: f.value for f in own if f.name not in skip}

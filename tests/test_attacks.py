@@ -209,5 +209,114 @@ def test_apgd_bad_arguments(tiny):
         attacks.apgd(tiny, x, y, eps=0.1, steps=5, loss="cw")
     with pytest.raises(ValueError, match="eps must be >= 0"):
         attacks.apgd(tiny, x, y, eps=-1.0)
-    with pytest.raises(ValueError, match="n_targets must be in \\[1, 9\\]"):
-        attacks.apgd_targeted(tiny, x, y, eps=0.1, n_targets=10)
+    with pytest.raises(ValueError, match="n_targets must be an integer >= 1"):
+        attacks.apgd_targeted(tiny, x, y, eps=0.1, n_targets=0)
+    with pytest.raises(ValueError, match="restarts must be an integer >= 1"):
+        attacks.apgd(tiny, x, y, eps=0.1, restarts=0)
+
+
+# --- restarts, per-example radii, Square -------------------------------------
+
+def test_first_success_keeps_the_first_run_that_fooled_each_example():
+    # model_fn is the identity: the "pixels" are the logits; every label is 0.
+    identity = lambda z: z  # noqa: E731
+    y = tf.constant([0, 0, 0])
+    run1 = tf.constant([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # fools example 2
+    run2 = tf.constant([[0.0, 1.0], [2.0, 0.0], [3.0, 0.0]])  # fools example 0
+    out = attacks._first_success(identity, y, [lambda: run1, lambda: run2]).numpy()
+    np.testing.assert_array_equal(out, [[0.0, 1.0], [2.0, 0.0], [0.0, 1.0]])
+
+
+def test_restarts_are_no_weaker_and_stay_in_the_ball(trained, digits):
+    _, (x, y) = digits
+    model = trained["student"]
+    fn = lambda z: model(z, training=False)  # noqa: E731
+    tf.random.set_seed(1)
+    one = attacks.pgd(fn, x, y, eps=0.15, step_size=0.05, steps=5)
+    tf.random.set_seed(1)
+    three = attacks.pgd(fn, x, y, eps=0.15, step_size=0.05, steps=5, restarts=3)
+    # Same seed: the first restart is the single run, so restarts only add.
+    assert accuracy(model, three, y) <= accuracy(model, one, y)
+    assert np.abs(three - x).max() <= 0.15 + 1e-6
+    with pytest.raises(ValueError, match="restarts > 1 needs random_start"):
+        attacks.pgd(fn, x, y, eps=0.1, step_size=0.1, steps=1, random_start=False, restarts=2)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_per_example_keeps_each_example_in_its_own_ball(tiny, norm):
+    x, y = batch(6)
+    eps = np.array([0.0, 0.05, 0.1, 0.2, 0.5, 1.0], np.float32)
+    x_adv = attacks.pgd_per_example(tiny, x, y, eps=eps, step_size=eps / 2, steps=4, norm=norm)
+    delta = (x_adv - x).numpy().reshape(6, -1)
+    size = np.abs(delta).max(1) if norm == "linf" else np.linalg.norm(delta, axis=1)
+    assert np.all(size <= eps + 1e-5), (size, eps)
+    assert size[0] == 0 and size[-1] > 0.1
+    assert x_adv.numpy().min() >= 0.0 and x_adv.numpy().max() <= 1.0
+
+
+def test_square_schedule_and_l2_pattern_are_the_papers():
+    assert attacks._square_p(0.8, 5, 10000) == 0.8
+    assert attacks._square_p(0.8, 30, 10000) == 0.4
+    assert attacks._square_p(0.8, 2500, 5000) == 0.8 / 128  # 5000 of 10,000: (4000, 6000]
+    assert attacks._square_p(0.8, 9999, 10000) == 0.8 / 512
+    for s in (1, 3, 5, 8):
+        p = attacks._square_l2_pattern(s)
+        assert p.shape == (s, s) and np.sum(p ** 2) == pytest.approx(1.0)
+    p = attacks._square_l2_pattern(5)
+    assert p[:2].sum() > 0 and p[2:].sum() < 0  # two bumps of opposite sign
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+def test_square_stays_in_the_ball_and_lowers_the_margin(tiny, norm, eps):
+    x, y = batch(16)
+    # Labels the model gets right on half the inputs, wrong on the other half.
+    pred = np.argmax(tiny(x), -1)
+    y = np.where(np.arange(16) < 8, pred, (pred + 1) % 10)
+    x_adv = attacks.square(tiny, x, y, eps=eps, queries=50, norm=norm)
+    delta = (x_adv - x).numpy().reshape(16, -1)
+    size = np.abs(delta).max(1) if norm == "linf" else np.linalg.norm(delta, axis=1)
+    assert size.max() <= eps + 1e-5 and size.max() > 0
+    assert x_adv.numpy().min() >= 0.0 and x_adv.numpy().max() <= 1.0
+
+    def margin(z):
+        logits = tiny(z).numpy()
+        true = logits[np.arange(16), y]
+        logits[np.arange(16), y] = -np.inf
+        return true - logits.max(1)
+    right = margin(x) > 0
+    assert right.sum() == 8
+    # Accepted queries only ever lower the margin of a correctly classified input.
+    assert np.all(margin(x_adv)[right] <= margin(x)[right] + 1e-6)
+    # A misclassified input comes back unchanged.
+    np.testing.assert_array_equal(x_adv.numpy()[~right], x[~right])
+
+
+def test_square_breaks_a_natural_model_without_gradients(trained, digits):
+    _, (x, y) = digits
+    x, y = x[:100], y[:100]
+    model = trained["natural"]
+    tf.random.set_seed(0)
+    x_adv = attacks.square(lambda z: model(z, training=False), x, y, eps=0.15, queries=300)
+    assert accuracy(model, x, y) > 0.95
+    assert accuracy(model, x_adv, y) < 0.3
+
+
+def test_square_rejects_flat_inputs_and_bad_p_init(tiny):
+    x, y = batch(2)
+    with pytest.raises(ValueError, match="square needs images"):
+        attacks.square(lambda z: tiny(tf.reshape(z, [-1, 8, 8, 1])), x.reshape(2, 64), y,
+                       eps=0.1, queries=5)
+    with pytest.raises(ValueError, match="p_init must be in"):
+        attacks.square(tiny, x, y, eps=0.1, queries=5, p_init=0.0)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_square_is_one_compiled_loop(tiny, norm):
+    def size(queries):
+        fn = tf.function(lambda a, b: attacks.square(tiny, a, b, eps=0.1, queries=queries,
+                                                     norm=norm))
+        g = fn.get_concrete_function(tf.TensorSpec([None, 8, 8, 1]),
+                                     tf.TensorSpec([None], tf.int32)).graph.as_graph_def()
+        return len(g.node) + sum(len(f.node_def) for f in g.library.function)
+
+    assert size(100) == size(5000)

@@ -47,7 +47,20 @@ def metrics(workdir):
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("digits")
-    return workdir, ok(run(f"--workdir={workdir}"))
+    proc = ok(run(f"--workdir={workdir}"))
+    # As the run left them, before other tests evaluate into the same workdir.
+    snapshot = tmp_path_factory.mktemp("digits_as_run", numbered=False)
+    for name in ("metrics.json", "history.csv"):
+        (snapshot / name).write_bytes((workdir / name).read_bytes())
+    return workdir, proc
+
+
+def timeless(metrics_json):
+    """metrics.json without the wall-clock fields, which differ run to run."""
+    for report in metrics_json.values():
+        report.pop("seconds")
+        report.pop("attack_seconds")
+    return metrics_json
 
 
 def test_distill_on_digits_writes_the_run_and_prints_the_table(digits_run):
@@ -84,9 +97,21 @@ def test_same_command_reuses_the_finished_run(digits_run):
 def test_evaluate_and_export_modes(digits_run):
     import keras
     workdir, _ = digits_run
-    proc = ok(run("--mode=evaluate", f"--workdir={workdir}", "--eval_steps=3"))
-    assert "pgd3" in proc.stdout
-    assert "pgd3" in metrics(workdir)["student"]["robust_accuracy"]
+    proc = ok(run("--mode=evaluate", f"--workdir={workdir}", "--eval_steps=3",
+                  "--attacks=fast,standard", "--sequential_attacks", "--eval_examples=32"))
+    student = metrics(workdir)["student"]
+    assert {"clean_accuracy", "robust_accuracy", "worst_case_accuracy", "per_class",
+            "worst_class", "eps", "norm", "n_examples", "seed", "sanity_checks",
+            "reliable", "seconds", "attack_seconds"} <= set(student)
+    assert student["attack_order"] == ["fgsm", "pgd3", "cw_linf", "apgd_ce", "apgd_t",
+                                       "square"]
+    assert set(student["robust_accuracy"]) == set(student["attack_order"])
+    assert student["n_examples"] == 32 and student["sequential"]
+    assert set(student["sanity_checks"]) == {"n_examples", "eps_sweep", "more_steps",
+                                             "unbounded", "square_vs_gradient"}
+    assert "worst class" in proc.stdout and "apgd_t" in proc.stdout
+    png = workdir / "robustness-linf-0.15.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
     # Another eps is stored beside the run's own entry, not over it.
     before = metrics(workdir)["student"]
     ok(run("--mode=evaluate", f"--workdir={workdir}", "--eval_steps=3", "--eps=0.05"))
@@ -172,17 +197,11 @@ def test_kill_9_mid_training_then_the_same_command_resumes(tmp_path):
     assert (tmp_path / "student.keras").is_file()
 
 
-def test_same_seed_same_metrics(tmp_path):
-    reports = []
-    for name in ("a", "b"):
-        ok(run(f"--workdir={tmp_path / name}", "--seed=3"))
-        m = metrics(tmp_path / name)
-        for report in m.values():
-            report.pop("seconds")
-        reports.append(m)
-    assert reports[0] == reports[1]
-    assert ((tmp_path / "a" / "history.csv").read_text()
-            == (tmp_path / "b" / "history.csv").read_text())
+def test_same_seed_same_metrics(digits_run, tmp_path, tmp_path_factory):
+    first = tmp_path_factory.getbasetemp() / "digits_as_run"
+    ok(run(f"--workdir={tmp_path}"))
+    assert timeless(metrics(tmp_path)) == timeless(metrics(first))
+    assert (tmp_path / "history.csv").read_text() == (first / "history.csv").read_text()
 
 
 def test_another_runs_files_are_never_overwritten_silently(digits_run, tmp_path):
@@ -227,6 +246,7 @@ BAD = {
     "objective": (["--method=ard", "--attack_objective=ardir"], "needs --method=ardir"),
     "decay_at": (["--decay_at=100"], "--decay_at: must be fractions"),
     "adapter_rank": (["--layers=features:stage2"], "cannot adapt student features"),
+    "attacks": (["--attacks=fast,strong"], "--attacks: must be one or more of fast, standard"),
 }
 
 

@@ -1,0 +1,143 @@
+"""Sanity checks that every robustness evaluation runs on itself.
+
+After Carlini et al., "On Evaluating Adversarial Robustness" (2019): numbers
+from an evaluation that fails one of these are not to be trusted, usually
+because the model masks its gradients (the attacks see no useful gradient, so
+they fail, and the model looks robust when it is not).
+
+    eps_sweep           PGD-20 accuracy never rises as eps grows
+    more_steps          PGD-100 is no weaker than PGD-20, PGD-20 than PGD-10
+    unbounded           PGD-100 with an eps that spans the whole pixel range
+                        drives accuracy to (near) zero
+    square_vs_gradient  the gradient-free Square attack breaks few points the
+                        gradient attacks left standing
+
+Each returns {"passed": bool, "message": str, ...the numbers it used}. They
+run on the first `sanity_examples` examples of the evaluation (see
+`ardir_tf.evaluate`), and reuse its per-example results where they can.
+"""
+
+import functools
+import math
+
+import numpy as np
+
+from ardir_tf import attacks
+
+# Accuracy may rise by this much (or two examples, if more) and still count as
+# "not rising": with random starts, a few examples flip either way between runs.
+TOLERANCE = 0.01
+# "Near zero" for the unbounded attack.
+UNBOUNDED_MAX_ACCURACY = 0.05
+# Square may break this fraction of the points the gradient attacks left
+# standing before the gradient attacks are called masked. On honest models
+# (the digits teacher and student) Square breaks 0-4% more than PGD alone.
+SQUARE_MARGIN = 0.05
+EPS_FACTORS = (0.25, 0.5, 1.0, 1.5, 2.0)
+SANITY_SQUARE_QUERIES = 1000
+
+
+def _not_rising(values, n):
+    # Two examples' worth of slack on small evaluations.
+    slack = max(TOLERANCE, 2.0 / n)
+    return all(b <= a + slack for a, b in zip(values, values[1:]))
+
+
+def run_checks(runner, x, y, clean, robust, gradient_free, *, eps, norm, verbose=0):
+    """The four checks on examples (x, y).
+
+    Args:
+      runner: an `evaluate._Runner`.
+      clean: booleans, the model is right on the clean example.
+      robust: {attack name: booleans} the evaluation's results on these examples.
+      gradient_free: {attack name: bool}.
+      eps, norm: the threat model.
+    """
+    n = len(y)
+    out = {"n_examples": int(n)}
+    if eps <= 0 or n == 0:
+        skipped = {"passed": None, "message": "not run (eps is 0 or no examples)"}
+        return {**out, **{k: dict(skipped) for k in
+                          ("eps_sweep", "more_steps", "unbounded", "square_vs_gradient")}}
+
+    todo = np.flatnonzero(clean)
+
+    def survived(steps, radii, step_fraction, note):
+        """[len(radii), n] booleans: right after PGD-`steps` at each radius. The
+        radii share one compiled call: the examples are tiled once per radius."""
+        if verbose:
+            print(f"  sanity: {note}")
+        k = len(radii)
+        right = runner.right_pgd(steps, norm, np.tile(x[todo], (k,) + (1,) * (x.ndim - 1)),
+                                 np.tile(y[todo], k), np.repeat(radii, len(todo)),
+                                 np.repeat(radii, len(todo)) * step_fraction)
+        out = np.zeros([k, n], bool)
+        out[:, todo] = right.reshape(k, len(todo))
+        return out
+
+    sweep_eps = [0.0] + [f * eps for f in EPS_FACTORS]
+    sweep_right = [clean, *survived(20, sweep_eps[1:], 0.25, "PGD-20 eps sweep")]
+    sweep_acc = [float(r.mean()) for r in sweep_right]
+    ok = _not_rising(sweep_acc, n)
+    out["eps_sweep"] = {
+        "passed": ok, "eps": sweep_eps, "accuracy": sweep_acc,
+        "message": "PGD-20 accuracy falls as eps grows" if ok else
+        "PGD-20 accuracy ROSE as eps grew: the attack is not finding the worst case "
+        "(masked or noisy gradients)"}
+
+    at_eps = sweep_right[1 + EPS_FACTORS.index(1.0)]
+    # Linf 1 reaches every image in [0, 1]; so does L2 sqrt(number of pixels).
+    big = 1.0 if norm == "linf" else math.sqrt(float(np.prod(x.shape[1:])))
+    # Steps of eps/4 at eps, of eps/10 unbounded: one call, per-example steps.
+    (ten,) = survived(10, [eps], 0.25, "PGD-10")
+    if verbose:
+        print("  sanity: PGD-100, at eps and unbounded")
+    k2 = np.concatenate([np.full(len(todo), eps), np.full(len(todo), big)])
+    right = runner.right_pgd(100, norm, np.concatenate([x[todo]] * 2),
+                             np.concatenate([y[todo]] * 2), k2,
+                             np.concatenate([np.full(len(todo), eps / 4),
+                                             np.full(len(todo), big / 10)]))
+    hundred, unbounded_right = np.zeros([2, n], bool)
+    hundred[todo], unbounded_right[todo] = right[: len(todo)], right[len(todo):]
+    steps_acc = {10: float(ten.mean()), 20: float(at_eps.mean()),
+                 100: float(hundred.mean())}
+    ok = _not_rising(list(steps_acc.values()), n)
+    out["more_steps"] = {
+        "passed": ok, "steps": list(steps_acc), "accuracy": list(steps_acc.values()),
+        "message": "more PGD steps do not raise accuracy" if ok else
+        "more PGD steps RAISED accuracy: the attack does not converge"}
+
+    unbounded = float(unbounded_right.mean())
+    ok = unbounded <= UNBOUNDED_MAX_ACCURACY
+    out["unbounded"] = {
+        "passed": ok, "eps": big, "accuracy": unbounded,
+        "message": f"unbounded PGD-100 leaves {unbounded:.1%} correct" if ok else
+        f"unbounded PGD-100 leaves {unbounded:.1%} correct (expected <= "
+        f"{UNBOUNDED_MAX_ACCURACY:.0%}): gradients do not lead the attack anywhere"}
+
+    gradient = [r for name, r in robust.items() if not gradient_free[name]] or [at_eps]
+    gradient_robust = np.logical_and.reduce(gradient)
+    free = [r for name, r in robust.items() if gradient_free[name]]
+    if free:
+        free_robust, source = np.logical_and.reduce(free), "the evaluation's"
+    else:
+        square = functools.partial(attacks.square, eps=eps, norm=norm,
+                                   queries=SANITY_SQUARE_QUERIES)
+        free_robust = gradient_robust.copy()
+        left = np.flatnonzero(gradient_robust)
+        if verbose:
+            print(f"  sanity: Square-{SANITY_SQUARE_QUERIES} on {len(left)} examples")
+        if len(left):
+            free_robust[left] = runner.right("sanity-square", square, x[left], y[left])
+        source = f"Square-{SANITY_SQUARE_QUERIES}"
+    square_only = float(np.mean(gradient_robust & ~free_robust))
+    ok = square_only <= SQUARE_MARGIN
+    out["square_vs_gradient"] = {
+        "passed": ok, "gradient_accuracy": float(gradient_robust.mean()),
+        "square_accuracy": float(free_robust.mean()), "square_only": square_only,
+        "message": f"{source} gradient-free attack broke {square_only:.1%} of examples "
+        "the gradient attacks could not" + ("" if ok else
+                                           f" (more than {SQUARE_MARGIN:.0%}): GRADIENTS "
+                                           "ARE LIKELY MASKED, the gradient attacks' "
+                                           "numbers overstate robustness")}
+    return out

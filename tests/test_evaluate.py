@@ -1,0 +1,143 @@
+"""The evaluation report, its attack presets and its sanity checks, on the
+default run's digits models and on one with deliberately masked gradients."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ardir_tf import evaluate, models, report, sanity
+from conftest import batch
+
+
+def digits_ds(digits, n=None):
+    _, (x, y) = digits
+    return tf.data.Dataset.from_tensor_slices((x[:n], y[:n])).batch(64)
+
+
+class Quantised(keras.Model):
+    """A natural model behind a 16-level input quantisation whose gradient is
+    exactly zero: the classic gradient-masking 'defence' (Athalye et al. 2018)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def call(self, x, training=False):
+        q = tf.stop_gradient(tf.round(x * 16) / 16) + 0.0 * x
+        return self.inner(q, training=training)
+
+
+@pytest.fixture(scope="module")
+def natural_report(trained, digits):
+    # AutoAttack's standard set at smaller budgets (APGD-CE keeps its 100 steps).
+    attacks = {**evaluate.fast(0.05), **evaluate.standard(0.05, n_targets=3, queries=1000)}
+    return evaluate.evaluate(trained["natural"], digits_ds(digits), 0.05, attacks=attacks,
+                             verbose=0)
+
+
+def test_apgd_ce_beats_pgd_and_the_worst_case_is_below_every_attack(natural_report):
+    r = natural_report
+    acc = r["robust_accuracy"]
+    assert set(acc) == {"fgsm", "pgd20", "cw_linf", "apgd_ce", "apgd_t", "square"}
+    assert 0.3 < acc["pgd20"] < 0.95, acc  # the comparison is not vacuous at eps 0.05
+    assert acc["apgd_ce"] <= acc["pgd20"], acc
+    assert r["worst_case_accuracy"] <= min(acc.values())
+    assert r["worst_case_accuracy"] < r["clean_accuracy"]
+    assert r["n_examples"] == 360 and r["eps"] == 0.05 and r["norm"] == "linf"
+    assert set(r["attack_seconds"]) == set(acc) and r["seconds"] > 0
+    assert r["attacks"]["apgd_t"] == {"attack": "apgd_targeted", "eps": 0.05, "norm": "linf",
+                                      "steps": 100, "n_targets": 3}
+    json.dumps(r)  # all of it is JSON
+
+
+def test_per_class_names_the_worst_class(natural_report):
+    r = natural_report
+    per = r["per_class"]
+    assert sorted(per, key=int) == [str(k) for k in range(10)]
+    assert sum(c["n"] for c in per.values()) == r["n_examples"]
+    worst = min(per, key=lambda k: per[k]["robust_accuracy"])
+    assert r["worst_class"] == {"label": worst, "robust_accuracy": per[worst]["robust_accuracy"]}
+    weighted = sum(c["n"] * c["robust_accuracy"] for c in per.values()) / r["n_examples"]
+    assert weighted == pytest.approx(r["worst_case_accuracy"])
+
+
+def test_sanity_checks_pass_on_an_honest_model(natural_report):
+    checks = natural_report["sanity_checks"]
+    assert natural_report["reliable"], checks
+    sweep = checks["eps_sweep"]
+    assert sweep["eps"][0] == 0 and sweep["accuracy"][0] == natural_report["clean_accuracy"]
+    acc = dict(zip(sweep["eps"], sweep["accuracy"]))
+    assert acc[0.1] < acc[0.05] - 0.2 and acc[0.05] == pytest.approx(
+        natural_report["robust_accuracy"]["pgd20"], abs=0.02)
+    assert checks["unbounded"]["accuracy"] <= sanity.UNBOUNDED_MAX_ACCURACY
+    assert checks["more_steps"]["steps"] == [10, 20, 100]
+    # The evaluation had Square: the check used it, not a sanity run of its own.
+    assert checks["square_vs_gradient"]["message"].startswith("the evaluation's")
+
+
+def test_masked_gradients_make_the_checks_fire(trained, digits):
+    masked = Quantised(trained["natural"])
+    r = evaluate.evaluate(masked, digits_ds(digits, 200), 0.15, attacks="fast", verbose=0)
+    checks = r["sanity_checks"]
+    # PGD sees a zero gradient and calls the model robust; Square does not.
+    assert r["robust_accuracy"]["pgd20"] > 0.8, r["robust_accuracy"]
+    sq = checks["square_vs_gradient"]
+    assert not sq["passed"] and sq["square_accuracy"] < sq["gradient_accuracy"] - 0.5, sq
+    assert not checks["unbounded"]["passed"], checks["unbounded"]
+    assert r["reliable"] is False
+    table = report.format_table({"masked": r})
+    assert "GRADIENTS ARE LIKELY MASKED" in table and "UNRELIABLE" in table
+
+
+def test_sequential_attacks_reach_the_same_worst_case_on_fewer_points(trained, digits):
+    ds = digits_ds(digits)
+    model = trained["student"]
+    apart = evaluate.evaluate(model, ds, 0.15, attacks="fast", verbose=0, sanity_examples=0)
+    chain = evaluate.evaluate(model, ds, 0.15, attacks="fast", verbose=0, sanity_examples=0,
+                              sequential=True)
+    assert chain["sequential"] and not apart["sequential"]
+    # Each attack ran only on what the earlier ones left standing.
+    attacked = list(chain["attacked"].values())
+    assert attacked[0] == round(chain["clean_accuracy"] * 360)
+    assert attacked[1] == round(chain["robust_accuracy"]["fgsm"] * 360) < attacked[0]
+    cumulative = list(chain["robust_accuracy"].values())
+    assert cumulative == sorted(cumulative, reverse=True)
+    assert chain["worst_case_accuracy"] == cumulative[-1]
+    assert abs(chain["worst_case_accuracy"] - apart["worst_case_accuracy"]) <= 0.02
+    # Not run (0 examples): neither passed nor failed, and the report says so.
+    assert chain["sanity_checks"]["eps_sweep"]["passed"] is None
+    assert chain["reliable"] is None
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+def test_every_preset_attack_stays_in_the_ball_and_the_clip_range(norm, eps):
+    model = models.build("small_cnn", (8, 8, 1), 10, width=4)
+    fn = lambda z: model(z, training=False)  # noqa: E731
+    x, y = batch(16)
+    attacks = {**evaluate.fast(eps, norm, steps=3),
+               **evaluate.standard(eps, norm, apgd_steps=5, n_targets=2, queries=30)}
+    for name, attack in attacks.items():
+        x_adv = attack.run(fn, x, y).numpy()
+        delta = (x_adv - x).reshape(16, -1)
+        size = np.abs(delta).max(1) if norm == "linf" else np.linalg.norm(delta, axis=1)
+        assert size.max() <= eps + 1e-5, (name, size.max())
+        assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0, name
+
+
+def test_plot_is_a_png_with_every_model(natural_report, tmp_path):
+    path = report.plot_eps({"natural": natural_report, "again": natural_report},
+                           tmp_path / "eps.png")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert [p.name for p in tmp_path.iterdir()] == ["eps.png"]  # no temporary left
+
+
+def test_bad_arguments(trained, digits):
+    model = trained["natural"]
+    with pytest.raises(ValueError, match="unknown attack preset 'strong'; valid: fast, standard"):
+        evaluate.evaluate(model, digits_ds(digits), 0.1, attacks="strong")
+    with pytest.raises(ValueError, match="empty dataset"):
+        evaluate.evaluate(model, digits_ds(digits).take(0), 0.1)
