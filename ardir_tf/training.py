@@ -119,5 +119,7 @@ def fit_phase(trainable, train, epochs, workdir, phase, validation=None, verbose
                                          delete_checkpoint=False),
         keras.callbacks.TensorBoard(workdir.path("logs", phase), write_graph=False),
     ]
+    # shuffle=False: the datasets shuffle themselves (Keras would otherwise warn
+    # that its default shuffle=True is ignored for a tf.data.Dataset).
     return trainable.fit(train, validation_data=validation, epochs=epochs,
-                         callbacks=callbacks, verbose=verbose)
+                         callbacks=callbacks, verbose=verbose, shuffle=False)

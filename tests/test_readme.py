@@ -28,6 +28,10 @@ def test_use_it_from_your_code_snippet_runs(tmp_path):
     numbers = re.findall(r"pgd_accuracy': ([0-9.]+)", run.stdout)
     assert numbers, run.stdout[-2000:]
     assert float(numbers[-1]) > 0.5, run.stdout[-2000:]
+    # Then the evaluation report's table, whose worst case is no higher than PGD-20.
+    row = next(line for line in run.stdout.splitlines() if line.startswith("student "))
+    clean, fgsm, pgd20, cw, worst = map(float, row.split()[1:6])
+    assert "worst class" in run.stdout and worst <= min(fgsm, pgd20, cw) and pgd20 > 0.5
 
 
 def test_ci_runs_the_readme_test_command():
