@@ -552,18 +552,17 @@ def square(model_fn, x, y, *, eps, queries=5000, norm="linf", p_init=0.8,
     else:
         # Start: a grid of the pseudo-Gaussian bumps with random signs.
         s0 = max(h // 5, 1)
-        tile = np.zeros([h, w], np.float32)
+        # tile: the bump in every s0 x s0 cell; cell: which cell a pixel is in
+        # (each cell gets its own random sign per channel).
+        tile, cell = np.zeros([h, w], np.float32), np.zeros([h, w], np.int32)
         pattern = _square_l2_pattern(s0)
         off = (h - s0 * (h // s0)) // 2, (w - s0 * (w // s0)) // 2
         for i in range(h // s0):
             for j in range(w // s0):
-                tile[off[0] + i * s0: off[0] + (i + 1) * s0,
-                     off[1] + j * s0: off[1] + (j + 1) * s0] = pattern
-        cell = np.zeros([h, w], np.int32)
-        for i in range(h // s0):
-            for j in range(w // s0):
-                cell[off[0] + i * s0: off[0] + (i + 1) * s0,
-                     off[1] + j * s0: off[1] + (j + 1) * s0] = i * (w // s0) + j
+                window = (slice(off[0] + i * s0, off[0] + (i + 1) * s0),
+                          slice(off[1] + j * s0, off[1] + (j + 1) * s0))
+                tile[window] = pattern
+                cell[window] = i * (w // s0) + j
         cell_signs = signs(tf.stack([batch, (h // s0) * (w // s0), c]))
         delta = tf.gather(cell_signs, tf.reshape(cell, [-1]), axis=1)
         delta = tf.reshape(delta, [batch, h, w, c]) * tile[None, :, :, None]
