@@ -12,7 +12,8 @@
                     to prepare it, instead of minutes of network retries
     npz:PATH        your arrays: keys x_train, y_train, x_test, y_test; images
                     [N, H, W] or [N, H, W, C], uint8 0-255 or float in [0, 1];
-                    integer labels from 0
+                    integer labels from 0; optional class_names (one string
+                    per class, e.g. np.array(["cat", "dog"]))
 
 Pipelines cache the decoded images, shuffle each epoch (reproducibly for a
 seed), augment (random crop after padding, and horizontal flips where the
@@ -62,6 +63,7 @@ class Data:
     num_classes: int
     num_train: int    # -1 when unknown (mocked tfds)
     num_test: int
+    class_names: tuple = ()   # one name per class; "0", "1", ... when the data has none
 
 
 def check_name(name):
@@ -196,6 +198,31 @@ def load_npz(path):
     return (x_train, y_train), (x_test, y_test), num_classes
 
 
+def _numbered(num_classes):
+    return tuple(str(i) for i in range(num_classes))
+
+
+def npz_class_names(path, num_classes):
+    """The optional `class_names` array of a .npz (one string per class), else
+    "0", "1", ...; a `class_names` of the wrong length raises DataError."""
+    with np.load(path, allow_pickle=False) as arrays:
+        if "class_names" not in arrays.files:
+            return _numbered(num_classes)
+        names = arrays["class_names"]
+    if names.ndim != 1 or len(names) != num_classes:
+        raise DataError(f"{path}: class_names must hold one name per class ({num_classes}), "
+                        f"got shape {names.shape}")
+    return tuple(str(n) for n in names)
+
+
+def _tfds_class_names(info, num_classes):
+    try:
+        names = tuple(info.features["label"].names)
+    except (KeyError, AttributeError):
+        names = ()
+    return names if len(names) == num_classes else _numbered(num_classes)
+
+
 def _load_tfds(name, data_dir, download):
     import tensorflow_datasets as tfds
 
@@ -232,12 +259,12 @@ def load(name, batch_size, seed=0, data_dir=None, download=False, augment=True):
         (x_train, y_train), (x_test, y_test) = digits(seed=0)
         return Data(name, pipeline(x_train, y_train, batch_size, True, seed),
                     pipeline(x_test, y_test, batch_size), DIGITS_SHAPE, 10,
-                    len(x_train), len(x_test))
+                    len(x_train), len(x_test), _numbered(10))
     if name.startswith("npz:"):
         (x_train, y_train), (x_test, y_test), classes = load_npz(name[4:])
         return Data(name, pipeline(x_train, y_train, batch_size, True, seed),
                     pipeline(x_test, y_test, batch_size), tuple(x_train.shape[1:]),
-                    classes, len(x_train), len(x_test))
+                    classes, len(x_train), len(x_test), npz_class_names(name[4:], classes))
 
     spec = TFDS[name]
     (train, test), info = _load_tfds(name, data_dir, download)
@@ -251,4 +278,5 @@ def load(name, batch_size, seed=0, data_dir=None, download=False, augment=True):
     aug = _augmenter(spec.pad, spec.flip, spec.shape) if augment else None
     return Data(name, _batched(train, batch_size, True, seed, aug, 10_000),
                 _batched(test, batch_size, False, seed, None, 0), spec.shape,
-                spec.num_classes, sizes.get("train", -1), sizes.get("test", -1))
+                spec.num_classes, sizes.get("train", -1), sizes.get("test", -1),
+                _tfds_class_names(info, spec.num_classes))

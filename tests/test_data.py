@@ -34,6 +34,7 @@ def test_pipeline_batches_with_the_given_size():
 def test_npz_loads_as_pixels_with_a_channel(tmp_path):
     d = data.load(write_npz(tmp_path / "a.npz"), batch_size=8)
     assert d.input_shape == (6, 6, 1) and d.num_classes == 4 and d.num_train == 20
+    assert d.class_names == ("0", "1", "2", "3")
     x, y = next(iter(d.test))
     assert x.dtype == tf.float32 and 0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1
 
@@ -54,6 +55,27 @@ def test_bad_npz_files_say_what_is_wrong(tmp_path, overrides, message):
         data.load(write_npz(tmp_path / "bad.npz", **overrides), batch_size=8)
 
 
+def test_npz_class_names_are_read_and_checked(tmp_path):
+    named = write_npz(tmp_path / "named.npz", class_names=np.array(["a", "b", "c", "d"]))
+    assert data.load(named, batch_size=8).class_names == ("a", "b", "c", "d")
+    with pytest.raises(data.DataError, match="one name per class \\(4\\)"):
+        data.load(write_npz(tmp_path / "bad.npz", class_names=np.array(["a", "b"])), 8)
+
+
+def test_digits_class_names_are_the_digits():
+    assert data.load("digits", 8).class_names == tuple("0123456789")
+
+
+def test_tfds_class_names_come_from_the_label_feature():
+    class Info:
+        def __init__(self, names):
+            self.features = {"label": tfds.features.ClassLabel(names=names)}
+
+    assert data._tfds_class_names(Info(["cat", "dog"]), 2) == ("cat", "dog")
+    assert data._tfds_class_names(Info(["cat", "dog"]), 3) == ("0", "1", "2")
+    assert data._tfds_class_names(object(), 2) == ("0", "1")
+
+
 def test_a_single_array_file_is_not_an_npz(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros(3))
     with pytest.raises(data.DataError, match="single array"):
@@ -72,6 +94,7 @@ def test_tfds_path_with_mock_data_and_augmentation():
         d = data.load("cifar10", batch_size=8)
         x, y = next(iter(d.train))
     assert d.input_shape == (32, 32, 3) and d.num_classes == 10
+    assert len(d.class_names) == 10  # mocked metadata names the classes "0".."9"
     assert x.shape == (8, 32, 32, 3) and x.dtype == tf.float32 and y.dtype == tf.int32
     assert 0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1
 
