@@ -4,6 +4,7 @@
     python main.py --mode=train_teacher --flagfile=flags/cifar10.cfg
     python main.py --mode=evaluate --workdir=runs/distill-digits-ardir
     python main.py --mode=export --workdir=runs/distill-digits-ardir
+    python main.py --mode=serve --workdir=runs/distill-digits-ardir
 
 Reads as the run goes: strategy -> data -> models -> trainer -> fit -> evaluate
 -> export. The work is in ardir_tf; this file turns flags into its arguments.
@@ -37,6 +38,7 @@ def _import_tensorflow_quietly():
 _import_tensorflow_quietly()
 
 from absl import app  # noqa: E402
+from absl import logging  # noqa: E402
 
 from absl import flags as absl_flags  # noqa: E402
 
@@ -240,12 +242,45 @@ def evaluate_mode(workdir, data):
 
 def export(workdir, data):
     import keras
-    from ardir_tf.workdir import Workdir
+    from ardir_tf import evaluate
+    from export import artifacts, parity
     if not workdir.exists("student.keras"):
         fail(f"no student.keras in {workdir.root}; run --mode=distill first")
     student = keras.models.load_model(workdir.path("student.keras"))
-    target = Workdir(FLAGS.export_dir or workdir.path("export"))
-    say(f"[export] wrote {target.save_model(student, 'student')}")
+    if tuple(student.inputs[0].shape[1:]) != tuple(data.input_shape):
+        fail(f"student.keras takes {tuple(student.inputs[0].shape[1:])} images but "
+             f"{data.name} has {tuple(data.input_shape)}; pass the run's --dataset")
+    metrics = workdir.read_json("metrics.json", {})
+    card = artifacts.card_from_run(workdir.read_json(workdir.SETTINGS), metrics, data.name,
+                                   data.class_names)
+    if not card["evaluations"]:
+        say("[export] warning: the student has no evaluation in metrics.json, so the model "
+            "card holds no accuracy; run --mode=evaluate first")
+    x, y = evaluate.collect(data.test, FLAGS.parity_examples)
+    target = FLAGS.export_dir or workdir.path("export")
+    try:
+        card = artifacts.export(student, target, x, y, attack=attack(FLAGS.eval_steps),
+                                card=card, opset=FLAGS.opset,
+                                log=lambda message: say(f"[export] {message}"))
+    except artifacts.ExportError as err:
+        fail(f"export to {target} failed: {err}")
+    say("\n" + parity.format_table(card["parity"]))
+    say(f"\n[export] wrote {target}: {', '.join(card['files'])} and {artifacts.CARD}")
+
+
+def serve(workdir):
+    from export import server
+    export_dir = FLAGS.export_dir or workdir.path("export")
+    path = FLAGS.onnx_path or os.path.join(export_dir, "student.onnx")
+    if not os.path.isfile(path):
+        fail(f"no exported model at {path}; run --mode=export first, or pass --onnx_path")
+    limits = server.Limits(max_batch=FLAGS.max_batch,
+                           max_body_bytes=int(FLAGS.max_body_mb * 2**20),
+                           batch_delay_ms=FLAGS.batch_delay_ms)
+    try:
+        server.serve(path, FLAGS.host, FLAGS.port, limits, log=say)
+    except (ValueError, OSError) as err:
+        fail(str(err))
 
 
 def claim(workdir):
@@ -257,24 +292,30 @@ def claim(workdir):
 
 
 MODES = {"train_teacher": train_teacher, "distill": distill, "evaluate": evaluate_mode,
-         "export": export}
+         "export": export}  # and serve, which needs none of their set-up
 
 
 def default_workdir():
     dataset = FLAGS.dataset.replace("npz:", "npz-").replace(os.sep, "_")
     method = FLAGS.teacher_method if FLAGS.mode == "train_teacher" else FLAGS.method
-    mode = "distill" if FLAGS.mode in ("evaluate", "export") else FLAGS.mode
+    mode = "distill" if FLAGS.mode in ("evaluate", "export", "serve") else FLAGS.mode
     return os.path.join("runs", f"{mode}-{dataset}-{method}")
 
 
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; flags are written --name=value")
+    if not absl_flags.FLAGS["verbosity"].present:
+        # SavedModel writing and tf2onnx log each step at INFO through absl; our
+        # own lines say what happens. --verbosity=0 brings them back.
+        logging.set_verbosity(logging.WARNING)
+    from ardir_tf.workdir import Workdir
+    if FLAGS.mode == "serve":  # ONNX Runtime only: no data, no strategy, no run needed
+        return serve(Workdir(FLAGS.workdir or default_workdir()))
     from ardir_tf import distribute
     strategy = distribute.strategy(FLAGS.devices)  # first: it may split the CPU
     import keras
     import ardir_tf
-    from ardir_tf.workdir import Workdir
 
     workdir = Workdir(FLAGS.workdir or default_workdir())
     if FLAGS.mode in ("evaluate", "export"):

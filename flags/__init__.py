@@ -10,9 +10,10 @@ import os
 from absl import flags
 
 from ardir_tf import adversarial, data, distill, evaluate, losses, models, training
+from export import artifacts
 
 FLAGS = flags.FLAGS
-MODES = ("train_teacher", "distill", "evaluate", "export")
+MODES = ("train_teacher", "distill", "evaluate", "export", "serve")
 PRESETS = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -121,9 +122,23 @@ def define_flags():
     flags.DEFINE_list("decay_at", ["0.5", "0.75"], "Where a piecewise schedule decays, as "
                       "fractions of each phase's epochs (0.5,0.75 of 200 = epochs 100, 150).")
     flags.DEFINE_float("decay_factor", 0.1, "Piecewise decay factor.")
-    # Export.
-    flags.DEFINE_string("export_dir", None, "Where --mode=export writes (default: "
-                        "<workdir>/export).")
+    # Export and serving.
+    flags.DEFINE_string("export_dir", None, "Where --mode=export writes and --mode=serve "
+                        "reads (default: <workdir>/export).")
+    flags.DEFINE_integer("opset", artifacts.DEFAULT_OPSET, "ONNX opset of the export.")
+    flags.DEFINE_integer("parity_examples", 256, "Test images (and as many PGD images) "
+                         "the export's parity checks run on.")
+    flags.DEFINE_string("onnx_path", None, "The .onnx --mode=serve serves (default: "
+                        "<export_dir>/student.onnx).")
+    flags.DEFINE_string("host", "127.0.0.1", "Address --mode=serve listens on (0.0.0.0: "
+                        "every interface).")
+    flags.DEFINE_integer("port", 8500, "Port --mode=serve listens on (0: any free port).")
+    flags.DEFINE_integer("max_batch", 256, "Most images per request, and per batch the "
+                         "server merges from concurrent requests.")
+    flags.DEFINE_float("max_body_mb", 32.0, "Largest request body the server reads, in MiB.")
+    flags.DEFINE_float("batch_delay_ms", 0.0, "How long the server waits for more requests "
+                       "before running a batch (0: run at once; requests that arrive "
+                       "while the model is busy are still merged).")
 
     _check("eps", lambda v: v >= 0, "must be >= 0 (the radius of the threat ball)")
     _check("step_size", lambda v: v is None or v > 0, "must be > 0")
@@ -137,6 +152,16 @@ def define_flags():
     _check("ir_weight", lambda v: v >= 0, "must be >= 0")
     _check("trades_beta", lambda v: v >= 0, "must be >= 0")
     _check("lr", lambda v: v > 0, "must be > 0")
+    _check("opset", lambda v: artifacts.MIN_OPSET <= v <= artifacts.max_opset(),
+           f"must be from {artifacts.MIN_OPSET} to {artifacts.max_opset()} (the opsets the "
+           "installed tf2onnx writes)")
+    _check("parity_examples", lambda v: v >= 1, "must be >= 1")
+    _check("port", lambda v: 0 <= v <= 65535, "must be in [0, 65535] (0: any free port)")
+    _check("max_batch", lambda v: v >= 1, "must be >= 1")
+    _check("max_body_mb", lambda v: v > 0, "must be > 0")
+    _check("batch_delay_ms", lambda v: 0 <= v <= 1000, "must be in [0, 1000]")
+    _check("onnx_path", lambda v: v is None or (v.endswith(".onnx") and os.path.isfile(v)),
+           "must name an existing .onnx file")
     for name in ("epochs", "teacher_epochs", "devices", "batch_size"):
         _check(name, lambda v: v >= 1, "must be >= 1")
     _check("natural_epochs", lambda v: v >= 0, "must be >= 0 (0: no baseline)")
@@ -207,6 +232,7 @@ def settings():
     run is displayed, whether it may overwrite, where prepared data lives, and
     the export/evaluation reach."""
     skip = {"verbose", "overwrite", "eval_examples", "export_dir", "download", "data_dir",
-            "attacks", "sequential_attacks"}
+            "attacks", "sequential_attacks", "opset", "parity_examples", "onnx_path", "host",
+            "port", "max_batch", "max_body_mb", "batch_delay_ms"}
     own = FLAGS.flags_by_module_dict()[__name__]
     return {f.name: f.value for f in own if f.name not in skip}

@@ -247,6 +247,11 @@ BAD = {
     "decay_at": (["--decay_at=100"], "--decay_at: must be fractions"),
     "adapter_rank": (["--layers=features:stage2"], "cannot adapt student features"),
     "attacks": (["--attacks=fast,strong"], "--attacks: must be one or more of fast, standard"),
+    "opset": (["--mode=export", "--opset=19"], "--opset: must be from 13 to 18"),
+    "port": (["--mode=serve", "--port=70000"], "--port: must be in [0, 65535]"),
+    "onnx_path": (["--mode=serve", "--onnx_path=/no/model.onnx"],
+                  "--onnx_path: must name an existing .onnx file"),
+    "serve_no_export": (["--mode=serve"], "no exported model at"),
 }
 
 
