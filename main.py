@@ -13,6 +13,7 @@ Reads as the run goes: strategy -> data -> models -> trainer -> fit -> evaluate
 import functools
 import os
 import sys
+import tempfile
 
 # TensorFlow's C++ start-up lines (CUDA probing on a CPU machine, oneDNN notes)
 # are noise on a command line. TF 2.21 prints some before its log settings
@@ -49,6 +50,11 @@ absl_flags.adopt_module_key_flags(cli)  # --help lists ours, not only main's
 FLAGS = cli.FLAGS
 
 
+# False on the workers of a cluster other than the chief: they train in
+# lockstep with it but write no files (main() sets it from the strategy).
+CHIEF = True
+
+
 def say(message):
     print(message, flush=True)
 
@@ -67,7 +73,12 @@ def build(arch, width, depth, data):
               "preact_resnet18": dict(width=width), "wide_resnet": dict(depth=depth, width=width),
               "mobilenet_v2": {}}[arch]
     return models.build(arch, data.input_shape, data.num_classes,
-                        sync_batchnorm=FLAGS.devices > 1, **kwargs)
+                        sync_batchnorm=FLAGS.sync_batchnorm and replicas() > 1, **kwargs)
+
+
+def replicas():
+    import tensorflow as tf
+    return tf.distribute.get_strategy().num_replicas_in_sync
 
 
 def build_student(data):
@@ -140,9 +151,15 @@ def phase(workdir, name, data, epochs, make_trainable):
     say(f"[{name}] resuming after epoch {done} of {epochs}" if done else
         f"[{name}] training for {epochs} epochs")
     trainable, model, compile_args = make_trainable()
-    trainable.compile(optimizer=optimizer(data, epochs), **compile_args)
-    training.fit_phase(trainable, data.train, epochs, workdir, name, verbose=FLAGS.verbose)
-    say(f"[{name}] saved {workdir.finish_phase(model, name)}")
+    trainable.compile(optimizer=optimizer(data, epochs), jit_compile=FLAGS.jit_compile,
+                      **compile_args)
+    training.fit_phase(trainable, data.train, epochs, workdir, name, verbose=FLAGS.verbose,
+                       chief=CHIEF)
+    if CHIEF:
+        say(f"[{name}] saved {workdir.finish_phase(model, name)}")
+    else:  # the same save into a throwaway file: see training.SharedBackup
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save(os.path.join(tmp, f"{name}.keras"))
     return model
 
 
@@ -193,6 +210,8 @@ def evaluate_and_report(workdir, data, trained):
             model, data.test, FLAGS.eps, FLAGS.norm, attacks,
             n_examples=FLAGS.eval_examples or None, sequential=FLAGS.sequential_attacks,
             seed=FLAGS.seed, verbose=int(FLAGS.verbose == 1))
+    if not CHIEF:
+        return
     metrics = workdir.read_json("metrics.json", {})
     for name, result in reports.items():
         stored = metrics.get(name)
@@ -283,8 +302,25 @@ def serve(workdir):
         fail(str(err))
 
 
+def launch(workdir):
+    """--strategy=multi_worker --num_workers=N without TF_CONFIG: this command
+    again as N workers on 127.0.0.1, their logs in <workdir>/workers/."""
+    from ardir_tf import distribute
+    claim(workdir)  # before the workers, so that none of them finds a foreign directory
+    say(f"{FLAGS.mode}: starting {FLAGS.num_workers} workers on 127.0.0.1, workdir "
+        f"{workdir.root}")
+    command = [sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]]
+    status = distribute.launch_local_cluster(command, FLAGS.num_workers,
+                                             workdir.path("workers"), say=say)
+    if status:
+        fail(f"the cluster stopped (status {status}); worker logs in "
+             f"{workdir.path('workers')}; run the same command again to resume")
+
+
 def claim(workdir):
     from ardir_tf.workdir import WorkdirError
+    if not CHIEF:
+        return
     try:
         workdir.claim(cli.settings(), overwrite=FLAGS.overwrite)
     except WorkdirError as err:
@@ -313,7 +349,19 @@ def main(argv):
     if FLAGS.mode == "serve":  # ONNX Runtime only: no data, no strategy, no run needed
         return serve(Workdir(FLAGS.workdir or default_workdir()))
     from ardir_tf import distribute
-    strategy = distribute.strategy(FLAGS.devices)  # first: it may split the CPU
+    if FLAGS.strategy == "multi_worker" and FLAGS.num_workers and not os.environ.get("TF_CONFIG"):
+        return launch(Workdir(FLAGS.workdir or default_workdir()))
+    try:
+        strategy = distribute.strategy(FLAGS.strategy, FLAGS.devices)  # first: splits the CPU
+    except ValueError as err:
+        fail(f"--strategy={FLAGS.strategy}: {err}")
+    global CHIEF
+    CHIEF = distribute.is_chief(strategy)
+    import tensorflow as tf
+    if FLAGS.jit_compile and strategy.num_replicas_in_sync > 1 and \
+            not tf.config.list_physical_devices("GPU"):
+        fail("--jit_compile fails under a mirrored strategy on logical CPU devices (XLA "
+             "cannot reach the other devices' variables); drop it, or use GPUs")
     import keras
     import ardir_tf
 
@@ -328,6 +376,7 @@ def main(argv):
                  "--workdir at a run")
         cli.adopt_run_settings(saved)
     keras.utils.set_random_seed(FLAGS.seed)
+    keras.mixed_precision.set_global_policy(FLAGS.precision)
     try:
         data = ardir_tf.data.load(FLAGS.dataset, FLAGS.batch_size, seed=FLAGS.seed,
                                   data_dir=FLAGS.data_dir, download=FLAGS.download,
@@ -339,6 +388,9 @@ def main(argv):
     try:
         with strategy.scope():
             check_models(data)
+            if strategy.num_replicas_in_sync > 1 and FLAGS.mode in ("distill", "train_teacher"):
+                claim(workdir)
+                distribute.barrier(strategy)  # no worker reads the workdir before it is claimed
             MODES[FLAGS.mode](workdir, data)
     except KeyboardInterrupt:
         fail("interrupted; run the same command again to resume")

@@ -17,6 +17,8 @@ Left out: ImageNet-sized variants (stems with stride and max-pool); every
 builder here is the CIFAR form with a 3x3 stride-1 stem.
 """
 
+import contextvars
+
 import keras
 from keras import layers
 
@@ -25,8 +27,14 @@ from keras import layers
 _BN = dict(momentum=0.9, epsilon=1e-5)
 
 
+# Set by build(sync_batchnorm=True) while a builder runs: the BN layers are
+# made synchronised in place, so that building draws the same random numbers
+# (and gives the same weights) with and without synchronisation.
+_SYNCHRONIZED = contextvars.ContextVar("synchronized_batchnorm", default=False)
+
+
 def _bn(name=None):
-    return layers.BatchNormalization(name=name, **_BN)
+    return layers.BatchNormalization(name=name, synchronized=_SYNCHRONIZED.get(), **_BN)
 
 
 def _conv(filters, kernel, stride=1, name=None, use_bias=False):
@@ -57,7 +65,9 @@ def _inputs(input_shape, mean, std):
 
 def _head(x, num_classes, inputs, name):
     x = layers.GlobalAveragePooling2D(name="features")(x)
-    logits = layers.Dense(num_classes, name="logits")(x)
+    # float32 logits whatever the dtype policy: under mixed precision the
+    # softmax, the losses and the attack's gradient stay out of float16.
+    logits = layers.Dense(num_classes, name="logits", dtype="float32")(x)
     return keras.Model(inputs, logits, name=name)
 
 
@@ -269,9 +279,12 @@ def build(name, input_shape, num_classes, sync_batchnorm=False, **kwargs):
             f"unknown architecture {name!r}; valid names: {', '.join(BUILDERS)}")
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    model = BUILDERS[name](input_shape=tuple(input_shape),
-                           num_classes=int(num_classes), **kwargs)
-    return synchronize_batchnorm(model) if sync_batchnorm else model
+    token = _SYNCHRONIZED.set(bool(sync_batchnorm))
+    try:
+        return BUILDERS[name](input_shape=tuple(input_shape), num_classes=int(num_classes),
+                              **kwargs)
+    finally:
+        _SYNCHRONIZED.reset(token)
 
 
 def stage_names(model):

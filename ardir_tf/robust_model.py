@@ -140,7 +140,38 @@ class RobustModel(keras.Model):
             self._train_trackers[name].update_state(values)
         self._train_trackers["clean_accuracy"].update_state(accuracy(y, logits_clean))
         self._train_trackers["adv_accuracy"].update_state(accuracy(y, logits_adv))
-        return {n: t.result() for n, t in self._train_trackers.items()}
+        return self._logs(self._train_trackers)
+
+    def _multi_worker(self):
+        return isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+    def _logs(self, trackers):
+        """The trackers' results; of shape [1] under MultiWorkerMirroredStrategy,
+        where Keras 3.15's fit reduces each log with strategy.reduce(MEAN, axis=0),
+        which fails on a scalar (keras-team/keras#20585); the reduction brings
+        them back to scalars."""
+        logs = {n: t.result() for n, t in trackers.items()}
+        if self._multi_worker():
+            logs = {n: tf.reshape(v, [1]) for n, v in logs.items()}
+        return logs
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Builds from zeros shaped like the data, never from the data itself.
+
+        Under any strategy, Keras 3.15 pulls a batch from a fresh iterator of
+        the dataset to build from: with a dataset that reshuffles each
+        iteration, that iterator is an extra epoch, so training under a
+        strategy saw the shuffle order one epoch later than on one device
+        (and the same seed gave other weights). Under MultiWorkerMirroredStrategy
+        it then reduces that batch with strategy.reduce(MEAN), which fails
+        (keras-team/keras#20585). Every variable of this model already exists
+        (see __init__); the build needs only shapes and dtypes.
+        """
+        if iterator is not None:
+            spec = iterator.data_adapter.get_tf_dataset().element_spec
+            data_batch = tf.nest.map_structure(
+                lambda s: tf.zeros([1 if d is None else d for d in s.shape], s.dtype), spec)
+        return super()._maybe_symbolic_build(iterator=None, data_batch=data_batch)
 
     def test_step(self, data):
         x, y = self._unpack(data)
@@ -149,7 +180,7 @@ class RobustModel(keras.Model):
         self._test_trackers["clean_accuracy"].update_state(accuracy(y, logits))
         self._test_trackers["pgd_accuracy"].update_state(
             accuracy(y, self._inference(x_adv)))
-        return {n: t.result() for n, t in self._test_trackers.items()}
+        return self._logs(self._test_trackers)
 
     def predict_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)

@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import os
+import tempfile
 
 import keras
 
@@ -103,22 +104,44 @@ def resumable_epoch(workdir, phase):
         return 0
 
 
-def fit_phase(trainable, train, epochs, workdir, phase, validation=None, verbose=1):
+class SharedBackup(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore for a cluster sharing one backup directory: every
+    worker restores from it, only the chief writes it. The others save to a
+    throwaway file instead of skipping the save, because under a multi-worker
+    strategy reading some variables is a collective every worker must join."""
+
+    def __init__(self, backup_dir, chief=True, **kwargs):
+        super().__init__(backup_dir, **kwargs)
+        self.chief = chief
+
+    def _save_model(self):
+        if self.chief:
+            return super()._save_model()
+        with tempfile.TemporaryDirectory() as tmp:
+            self.model.save_weights(os.path.join(tmp, "model.weights.h5"))
+
+
+def fit_phase(trainable, train, epochs, workdir, phase, validation=None, verbose=1,
+              chief=True):
     """`trainable.fit` for one phase, resumable from workdir/backup/PHASE.
+
+    `chief=False` (the other workers of a cluster) restores from the backup but
+    writes nothing to `workdir`.
 
     Returns the Keras History of this call (only the epochs it ran).
     """
+    # Two generations of backup (a kill while one is written leaves the other),
+    # kept after fit: Workdir.finish_phase removes them once the phase's model
+    # is saved.
+    backup = SharedBackup(workdir.path("backup", phase), chief=chief, double_checkpoint=True,
+                          delete_checkpoint=False)
     callbacks = [
         # The row first, then the backup: a kill between them leaves a row of an
         # epoch that will be redone, which TidyHistory drops when it restarts.
         TidyHistory(workdir.path("history.csv"), phase),
-        # Two generations of backup (a kill while one is written leaves the
-        # other), kept after fit: Workdir.finish_phase removes them once the
-        # phase's model is saved.
-        keras.callbacks.BackupAndRestore(workdir.path("backup", phase), double_checkpoint=True,
-                                         delete_checkpoint=False),
+        backup,
         keras.callbacks.TensorBoard(workdir.path("logs", phase), write_graph=False),
-    ]
+    ] if chief else [backup]
     # shuffle=False: the datasets shuffle themselves (Keras would otherwise warn
     # that its default shuffle=True is ignored for a tf.data.Dataset).
     return trainable.fit(train, validation_data=validation, epochs=epochs,

@@ -5,6 +5,7 @@
     history.csv     one row per (phase, epoch, metric): phase,epoch,name,value
     metrics.json    one entry per evaluated model (natural, teacher, student)
     logs/PHASE/     TensorBoard logs
+    workers/        worker-I.log of each worker a local cluster (--num_workers) ran
     backup/PHASE/   the last finished epoch of an interrupted phase (removed
                     when the phase ends); the same command resumes from it
 
@@ -82,7 +83,7 @@ class Workdir:
 
     # What a run writes here; --overwrite deletes these and nothing else.
     OWNED = ("flags.json", "natural.keras", "teacher.keras", "student.keras", "history.csv",
-             "metrics.json", "logs", "backup", "export")
+             "metrics.json", "logs", "backup", "export", "workers")
 
     def claim(self, settings, overwrite=False):
         """Makes this directory the home of the run with `settings` (a dict).

@@ -106,9 +106,11 @@ def _with_named_outputs(body):
 
 
 def compute_dtypes(model):
-    """The dtype policies of `model`'s layers, e.g. "float32" or "mixed_float16"."""
-    return "+".join(sorted({l.dtype_policy.name for l in
-                            model._flatten_layers(include_self=False, recursive=True)}))
+    """The policy `model` was trained under: "float32", or the mixed policies of its
+    layers (e.g. "mixed_float16"; its float32 logits layer aside)."""
+    names = {l.dtype_policy.name for l in
+             model._flatten_layers(include_self=False, recursive=True)}
+    return "+".join(sorted(names - {"float32"})) or "float32"
 
 
 def sha256(path):

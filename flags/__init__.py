@@ -9,7 +9,7 @@ import os
 
 from absl import flags
 
-from ardir_tf import adversarial, data, distill, evaluate, losses, models, training
+from ardir_tf import adversarial, data, distill, distribute, evaluate, losses, models, training
 from export import artifacts
 
 FLAGS = flags.FLAGS
@@ -59,8 +59,25 @@ def define_flags():
     flags.DEFINE_integer("seed", 0, "Seed of weights, shuffling and attacks; the same "
                          "seed gives the same run on a CPU.")
     flags.DEFINE_boolean("overwrite", False, "Replace another run's files in --workdir.")
+    flags.DEFINE_enum("strategy", "auto", list(distribute.KINDS), "tf.distribute strategy: "
+                      "auto (mirrored over all GPUs when there are 2 or more, or over "
+                      "--devices; else one device), default (one device), mirrored (over "
+                      "--devices GPUs, or logical CPU devices), multi_worker (the cluster "
+                      "in TF_CONFIG).")
+    flags.DEFINE_integer("num_workers", 0, "With --strategy=multi_worker and no TF_CONFIG: "
+                         "start this many workers on 127.0.0.1 (to try multi-worker on one "
+                         "machine).")
     flags.DEFINE_integer("devices", 1, "Replicas: >1 mirrors over that many GPUs, or over "
                          "logical devices split from the CPU.")
+    flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
+                      "Keras dtype policy of the models trained (mixed_*: float16/bfloat16 "
+                      "arithmetic with float32 weights and logits; helps on GPUs with tensor "
+                      "cores, not on CPUs).")
+    flags.DEFINE_boolean("sync_batchnorm", True, "With several replicas, BatchNorm uses the "
+                         "whole global batch's statistics (as one device would) instead of "
+                         "each replica's slice; costs an all-reduce per BN layer.")
+    flags.DEFINE_boolean("jit_compile", False, "Compile each training step with XLA (fuses "
+                         "ops; helps most on GPUs; measure first).")
     flags.DEFINE_integer("verbose", 1, "1: progress bars; 2: a line per epoch; 0: quiet.")
     # Data.
     flags.DEFINE_string("dataset", "digits", f"One of {', '.join(data.NAMES)}.")
@@ -158,6 +175,21 @@ def define_flags():
     _check("parity_examples", lambda v: v >= 1, "must be >= 1")
     _check("port", lambda v: 0 <= v <= 65535, "must be in [0, 65535] (0: any free port)")
     _check("max_batch", lambda v: v >= 1, "must be >= 1")
+    _check("num_workers", lambda v: v >= 0, "must be >= 0")
+    flags.register_multi_flags_validator(
+        ["strategy", "num_workers"], lambda f: not f["num_workers"] or
+        f["strategy"] == "multi_worker",
+        message="--num_workers starts a local cluster: it needs --strategy=multi_worker")
+    flags.register_multi_flags_validator(
+        ["strategy", "mode"], lambda f: f["strategy"] != "multi_worker" or
+        f["mode"] in ("distill", "train_teacher"),
+        message="--strategy=multi_worker trains: use it with --mode=distill or train_teacher")
+    flags.register_multi_flags_validator(
+        ["strategy", "mode", "natural_epochs"], lambda f: f["strategy"] != "multi_worker" or
+        f["mode"] != "distill" or f["natural_epochs"] == 0,
+        message="--natural_epochs must be 0 with --strategy=multi_worker: Keras 3.15's fit of "
+                "a plain model fails under MultiWorkerMirroredStrategy (keras-team/keras#20585); "
+                "the robust phases work around it")
     _check("max_body_mb", lambda v: v > 0, "must be > 0")
     _check("batch_delay_ms", lambda v: 0 <= v <= 1000, "must be in [0, 1000]")
     _check("onnx_path", lambda v: v is None or (v.endswith(".onnx") and os.path.isfile(v)),
@@ -233,6 +265,7 @@ def settings():
     the export/evaluation reach."""
     skip = {"verbose", "overwrite", "eval_examples", "export_dir", "download", "data_dir",
             "attacks", "sequential_attacks", "opset", "parity_examples", "onnx_path", "host",
-            "port", "max_batch", "max_body_mb", "batch_delay_ms"}
+            "port", "max_batch", "max_body_mb", "batch_delay_ms", "strategy", "num_workers",
+            "jit_compile"}
     own = FLAGS.flags_by_module_dict()[__name__]
     return {f.name: f.value for f in own if f.name not in skip}

@@ -319,3 +319,64 @@ def test_nan_loss_stops_training():
     bias.assign(np.full(bias.shape, np.nan, np.float32))
     with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or Inf"):
         d.fit(dataset(32), epochs=1, verbose=0)
+
+
+def test_mixed_float16_makes_the_float32_update_and_the_attack_still_bites():
+    """One SGD step under mixed_float16 moves the student as float32 does: the
+    loss is scaled inside the tape and unscaled by the optimizer (without
+    scale_loss, LossScaleOptimizer would shrink the update about 2^15 times).
+    The update runs at eps 0: PGD's sign steps on a float16 model craft other
+    inputs than on a float32 one, which would hide what is compared here."""
+    same_inputs = FIXED_ATTACK.replace(eps=0.0)
+    keras.utils.set_random_seed(3)
+    teacher32, student32 = tiny_pair()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        teacher16, student16 = tiny_pair()
+        d16 = distiller(teacher16, student16, layers=[("stage1", "stage2")],
+                        attack=same_inputs, optimizer=keras.optimizers.SGD(0.1))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    teacher16.set_weights(teacher32.get_weights())
+    student16.set_weights(student32.get_weights())
+    d32 = distiller(teacher32, student32, layers=[("stage1", "stage2")],
+                    attack=same_inputs, optimizer=keras.optimizers.SGD(0.1))
+    def adapters(d, student):
+        own = {id(v) for v in student.trainable_variables}
+        return [v for v in d.trainable_variables if id(v) not in own]
+
+    for v16, v32 in zip(adapters(d16, student16), adapters(d32, student32), strict=True):
+        v16.assign(v32)  # the IR adapters start apart otherwise
+    assert type(d16.optimizer).__name__ == "LossScaleOptimizer"
+    assert student16(batch()[0]).dtype == "float32"  # logits stay float32
+    assert student16.get_layer("stage1").compute_dtype == "float16"
+    def trainable(student):  # not BN's moving statistics: they move either way
+        return np.concatenate([v.numpy().ravel() for v in student.trainable_variables])
+
+    start = trainable(student32)
+    deltas = []
+    for d, student in ((d32, student32), (d16, student16)):
+        d.fit(dataset(64, 64), epochs=1, verbose=0)
+        deltas.append(trainable(student) - start)
+    cosine = deltas[0] @ deltas[1] / np.linalg.norm(deltas[0]) / np.linalg.norm(deltas[1])
+    ratio = np.linalg.norm(deltas[1]) / np.linalg.norm(deltas[0])
+    assert cosine > 0.99 and 0.9 < ratio < 1.1, (cosine, ratio)
+
+    # The attack on the float16 student: float32 pixels, within eps, and it works.
+    x, y = batch(64)
+    y = student16.predict(x, verbose=0).argmax(1)  # its own answers, all "correct"
+    x_adv = FIXED_ATTACK(lambda z: student16(z, training=False), x, y)
+    assert x_adv.dtype == tf.float32
+    assert float(tf.reduce_max(tf.abs(x_adv - x))) <= FIXED_ATTACK.eps + 1e-6
+    fooled = np.mean(student16.predict(x_adv, verbose=0).argmax(1) != y)
+    assert fooled > 0.3, fooled
+
+
+def test_a_jit_compiled_step_trains_on_one_device():
+    keras.utils.set_random_seed(2)
+    d = distiller(attack=FIXED_ATTACK)
+    d.compile(optimizer=keras.optimizers.SGD(0.05), jit_compile=True)
+    before = weights(d.student)
+    history = d.fit(dataset(64, 32), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+    assert any(not np.array_equal(a, b) for a, b in zip(before, weights(d.student)))

@@ -1,6 +1,5 @@
 """main.py end to end, as a user runs it: subprocesses, real files, real exit codes."""
 
-import concurrent.futures
 import json
 import os
 import pathlib
@@ -8,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -252,12 +252,22 @@ BAD = {
     "onnx_path": (["--mode=serve", "--onnx_path=/no/model.onnx"],
                   "--onnx_path: must name an existing .onnx file"),
     "serve_no_export": (["--mode=serve"], "no exported model at"),
+    "num_workers": (["--num_workers=2"], "--num_workers starts a local cluster: it needs"),
+    "multi_worker_mode": (["--mode=evaluate", "--strategy=multi_worker"],
+                          "--strategy=multi_worker trains"),
+    "multi_worker_natural": (["--strategy=multi_worker", "--num_workers=2"],
+                             "--natural_epochs must be 0 with --strategy=multi_worker"),
+    "multi_worker_no_cluster": (["--strategy=multi_worker", "--natural_epochs=0"],
+                                "needs TF_CONFIG"),
+    "default_devices": (["--strategy=default", "--devices=2"], "runs on one device"),
+    "jit_mirrored": (["--jit_compile", "--devices=2"], "--jit_compile fails under a mirrored"),
 }
 
 
 @pytest.fixture(scope="module")
 def bad_runs(tmp_path_factory):
-    """Every bad command line at once (they stop at start-up, so two cores suffice)."""
+    """Every bad command line, run through main.py's start-up in one process
+    (tests/startup_harness.py: one TensorFlow import instead of one per case)."""
     root = tmp_path_factory.mktemp("bad")
     npz = write_npz(root / "nokeys.npz", size=8, y_test=None)
     corrupt = root / "corrupt.keras"
@@ -268,10 +278,23 @@ def bad_runs(tmp_path_factory):
     cases = dict(BAD, npz_keys=([f"--dataset={npz}"], "missing key(s) y_test"),
                  teacher_corrupt=([f"--teacher={corrupt}"], "cannot load it as a Keras model"),
                  teacher_shape=([f"--teacher={mnist_teacher}"], "--teacher takes (28, 28, 1)"))
-    with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
-        futures = {name: pool.submit(run, *args, f"--workdir={root / name}", timeout=300)
-                   for name, (args, _) in cases.items()}
-        return {name: (f.result(), cases[name][1]) for name, f in futures.items()}
+    argvs = {name: [SMOKE, *args, f"--workdir={root / name}"]
+             for name, (args, _) in cases.items()}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "startup_harness.py")],
+                          input=json.dumps(argvs), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout)
+    return {name: (types.SimpleNamespace(**results[name]), cases[name][1]) for name in cases}
+
+
+def test_the_harness_sees_what_a_fresh_process_sees(bad_runs):
+    """One case both ways: the harness and `python main.py` agree."""
+    args, _ = BAD["alpha"]
+    fresh = run(*args)
+    harness, _ = bad_runs["alpha"]
+    assert (fresh.returncode, fresh.stderr.strip().splitlines()[-2:]) == \
+        (harness.returncode, harness.stderr.strip().splitlines()[-2:])
 
 
 @pytest.mark.parametrize("case", [*BAD, "npz_keys", "teacher_corrupt", "teacher_shape"])

@@ -125,3 +125,18 @@ def test_synchronize_batchnorm_keeps_the_function():
     assert bns and all(l.get_config()["synchronized"] for l in bns)
     x = np.random.default_rng(4).random((2, 8, 8, 1), dtype=np.float32)
     np.testing.assert_allclose(synced(x), model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+def test_build_with_sync_batchnorm_draws_the_same_weights(name):
+    """So that one device and N replicas of a seeded run start alike (and so do
+    the variables built after the models, e.g. the distiller's adapters)."""
+    out = {}
+    for sync in (False, True):
+        keras.utils.set_random_seed(7)
+        model = models.build(name, (8, 8, 3), 10, width=4, sync_batchnorm=sync)
+        bns = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+        assert bns and all(l.synchronized == sync for l in bns)
+        out[sync] = model.get_weights() + [keras.random.uniform((3,)).numpy()]
+    for a, b in zip(out[False], out[True], strict=True):
+        np.testing.assert_array_equal(a, b)
