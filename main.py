@@ -228,12 +228,10 @@ def evaluate_and_report(workdir, data, trained):
 # --- modes ------------------------------------------------------------------
 
 def train_teacher(workdir, data):
-    claim(workdir)
     evaluate_and_report(workdir, data, {"teacher": teacher_model(workdir, data)})
 
 
 def distill(workdir, data):
-    claim(workdir)
     trained = {}
     if FLAGS.natural_epochs:
         trained["natural"] = phase(workdir, "natural", data, FLAGS.natural_epochs,
@@ -388,9 +386,10 @@ def main(argv):
     try:
         with strategy.scope():
             check_models(data)
-            if strategy.num_replicas_in_sync > 1 and FLAGS.mode in ("distill", "train_teacher"):
+            if FLAGS.mode in ("distill", "train_teacher"):
                 claim(workdir)
-                distribute.barrier(strategy)  # no worker reads the workdir before it is claimed
+                if strategy.num_replicas_in_sync > 1:
+                    distribute.barrier(strategy)  # no worker reads it before it is claimed
             MODES[FLAGS.mode](workdir, data)
     except KeyboardInterrupt:
         fail("interrupted; run the same command again to resume")

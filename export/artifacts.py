@@ -83,21 +83,14 @@ def float32_copy(model):
 
 
 def serving_model(model):
-    """The float32 copy of `model` behind an `images` input, with outputs
-    {"logits", "probabilities"} (dict outputs give the SavedModel signature and
-    the ONNX graph stable output names)."""
-    _check_classifier(model)
-    return _with_named_outputs(float32_copy(model))
-
-
-def _check_classifier(model):
+    """The float32 copy of `model` (a layer named as `model`) behind an `images`
+    input, with outputs {"logits", "probabilities"} (dict outputs give the
+    SavedModel signature and the ONNX graph stable output names)."""
     if len(model.inputs) != 1 or len(model.outputs) != 1 or len(model.inputs[0].shape) != 4:
         raise ExportError(f"model {model.name!r} has {len(model.inputs)} input(s) and "
                           f"{len(model.outputs)} output(s); export takes an image "
                           "classifier: one input of pixels [B, H, W, C], one output of logits")
-
-
-def _with_named_outputs(body):
+    body = float32_copy(model)
     images = keras.Input(tuple(body.inputs[0].shape[1:]), dtype="float32", name="images")
     logits = keras.layers.Activation("linear", name="logits")(body(images))
     probabilities = keras.layers.Softmax(name="probabilities")(logits)
@@ -258,9 +251,8 @@ def export(model, directory, x, y, *, attack, card=None, name="student",
     if not MIN_OPSET <= opset <= max_opset():
         raise ExportError(f"opset {opset} is not supported; tf2onnx {max_opset()} "
                           f"writes opsets {MIN_OPSET} to {max_opset()}")
-    _check_classifier(model)
-    body = float32_copy(model)
-    serving = _with_named_outputs(body)
+    serving = serving_model(model)
+    body = serving.get_layer(model.name)
     x = np.asarray(x, np.float32)
     trained_policy = compute_dtypes(model)
     # A float32 model is its own reference (so parity covers the rewrite too); a

@@ -143,9 +143,14 @@ def decode(body, content_type, image_shape, max_batch):
         if not isinstance(values, np.ndarray):
             raise ClientError(400, "the body is not a single .npy array (np.save)")
     else:
-        raise ClientError(415, f"Content-Type {content_type or 'none'!r} is not supported; "
-                          f"send {JSON_TYPES[0]} or {NPY_TYPES[0]}")
+        raise unsupported(content_type)
     return check_images(values, image_shape, max_batch)
+
+
+def unsupported(content_type):
+    """The 415 for a Content-Type the server does not read (None: no header)."""
+    return ClientError(415, f"Content-Type {content_type or 'none'!r} is not supported; "
+                       f"send {JSON_TYPES[0]} or {NPY_TYPES[0]}")
 
 
 def check_images(values, image_shape, max_batch):
@@ -288,9 +293,8 @@ def make_app(model, limits=Limits()):
         # Without parameters such as charset; aiohttp reads a missing header as
         # application/octet-stream, which must not pass for a deliberate .npy body.
         content_type = request.content_type if "Content-Type" in request.headers else None
-        if content_type not in JSON_TYPES + NPY_TYPES:
-            raise ClientError(415, f"Content-Type {content_type or 'none'!r} is not supported; "
-                              f"send {JSON_TYPES[0]} or {NPY_TYPES[0]}")
+        if content_type not in JSON_TYPES + NPY_TYPES:  # refused before reading the body
+            raise unsupported(content_type)
         x = decode(await request.read(), content_type, model.image_shape, limits.max_batch)
         probabilities = await batcher.predict(x)
         labels = probabilities.argmax(axis=1)
