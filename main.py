@@ -86,25 +86,52 @@ def build_student(data):
 
 
 @functools.cache
-def load_teacher(path):
-    """The --teacher model, loaded once (check_models and the run share it)."""
+def load_model(path, flag=None):
+    """A .keras model, loaded once per process (validation and the run share it).
+    `flag` names the flag it came from, for the error message."""
     import keras
     try:
         return keras.models.load_model(path)
     except Exception as err:  # Keras raises many kinds for a bad file
-        fail(f"--teacher={path}: cannot load it as a Keras model: {str(err).splitlines()[0]}")
+        fail(f"{flag + '=' if flag else ''}{path}: cannot load it as a Keras model: "
+             f"{str(err).splitlines()[0]}")
 
 
-def check_models(data):
+# What a run builds, built once: validation builds the teacher, the student and
+# the distiller, and the phases train those same objects.
+BUILT = {}
+
+
+def once(role, make):
+    if role not in BUILT:
+        BUILT[role] = make()
+    return BUILT[role]
+
+
+def teacher_network(workdir, data):
+    """The teacher: --teacher, the workdir's finished teacher.keras, or a new one
+    for the teacher phase to train (in place: the distiller built on it then
+    distils the trained teacher)."""
+    if FLAGS.teacher:
+        return load_model(FLAGS.teacher, "--teacher")
+    if workdir.exists("teacher.keras"):
+        return load_model(workdir.path("teacher.keras"))
+    return once("teacher", lambda: build(FLAGS.teacher_arch, FLAGS.teacher_width,
+                                         FLAGS.teacher_depth, data))
+
+
+def check_models(workdir, data):
     """Fails fast, before any training, on models that cannot work together:
     --layers naming layers the models lack, a --teacher for other data, shapes
-    no adapter can bridge. Builds the models and a distiller and drops them."""
+    no adapter can bridge. Builds the teacher, the student and the distiller
+    that the run then trains (nothing is built twice)."""
     from ardir_tf import models
     if FLAGS.mode != "distill":
         return
-    teacher = (load_teacher(FLAGS.teacher) if FLAGS.teacher else
-               build(FLAGS.teacher_arch, FLAGS.teacher_width, FLAGS.teacher_depth, data))
-    student = build_student(data)
+    # The student first: its initial weights then do not depend on whether the
+    # teacher is built (a fresh run) or loaded (a resumed one).
+    student = once("student", lambda: build_student(data))
+    teacher = teacher_network(workdir, data)
     t_in, t_out = tuple(teacher.inputs[0].shape[1:]), tuple(teacher.outputs[0].shape[1:])
     if t_in != tuple(data.input_shape) or t_out != (data.num_classes,):
         fail(f"--teacher takes {t_in} and gives {t_out}, but {data.name} has "
@@ -114,11 +141,11 @@ def check_models(data):
         for role, model, names in (("student", student, [s for s, _ in pairs]),
                                    ("teacher", teacher, [t for _, t in pairs])):
             try:
-                models.expose(model, names)
+                models.expose(model, names)  # a view of the built model: no new weights
             except ValueError as err:
                 fail(f"--layers: {role} {err}")
     try:
-        student_trainable(data, teacher, student)
+        student_trainable(data, teacher)
     except ValueError as err:
         fail(str(err))
 
@@ -142,17 +169,15 @@ def optimizer(data, epochs):
 
 def phase(workdir, name, data, epochs, make_trainable):
     """Trains one phase, or reuses its finished model. Returns the model."""
-    import keras
     from ardir_tf import training
     if workdir.exists(f"{name}.keras"):
         say(f"[{name}] reusing {workdir.path(name + '.keras')}")
-        return keras.models.load_model(workdir.path(f"{name}.keras"))
+        return load_model(workdir.path(f"{name}.keras"))
     done = training.resumable_epoch(workdir, name)
     say(f"[{name}] resuming after epoch {done} of {epochs}" if done else
         f"[{name}] training for {epochs} epochs")
-    trainable, model, compile_args = make_trainable()
-    trainable.compile(optimizer=optimizer(data, epochs), jit_compile=FLAGS.jit_compile,
-                      **compile_args)
+    trainable, model = make_trainable()
+    trainable.compile(optimizer=optimizer(data, epochs), jit_compile=FLAGS.jit_compile)
     training.fit_phase(trainable, data.train, epochs, workdir, name, verbose=FLAGS.verbose,
                        chief=CHIEF)
     if CHIEF:
@@ -164,36 +189,42 @@ def phase(workdir, name, data, epochs, make_trainable):
 
 
 def natural_trainable(data):
-    import keras
-    model = build_student(data)
-    return model, model, dict(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                              metrics=["accuracy"])
-
-
-def teacher_trainable(data):
+    """The natural baseline: the student's architecture, CE on clean inputs, on
+    the same machinery as the robust phases (so it runs under every strategy)."""
     from ardir_tf import AdversarialTrainer
-    model = build(FLAGS.teacher_arch, FLAGS.teacher_width, FLAGS.teacher_depth, data)
+    model = build_student(data)
+    return AdversarialTrainer(model, attack=attack(FLAGS.steps), method="natural"), model
+
+
+def teacher_trainable(data, model):
+    from ardir_tf import AdversarialTrainer
     return AdversarialTrainer(model, attack=attack(FLAGS.steps), method=FLAGS.teacher_method,
-                              beta=FLAGS.trades_beta), model, {}
+                              beta=FLAGS.trades_beta), model
 
 
-def student_trainable(data, teacher, student=None):
-    from ardir_tf import ARDIRDistiller
-    student = student or build_student(data)
-    layers = cli.layer_pairs() if FLAGS.method == "ardir" else []
-    return ARDIRDistiller(teacher=teacher, student=student, layers=layers,
-                          attack=attack(FLAGS.steps), method=FLAGS.method,
-                          attack_objective=FLAGS.attack_objective, alpha=FLAGS.alpha,
-                          temperature=FLAGS.temperature, ir_weight=FLAGS.ir_weight,
-                          distance=FLAGS.distance), student, {}
+def student_trainable(data, teacher):
+    """The distiller of the run (built once) and its student."""
+    from ardir_tf import ARDIRDistiller, LayerPair
+
+    def make():
+        layers = ([LayerPair(student=s, teacher=t) for s, t in cli.layer_pairs()]
+                  if FLAGS.method == "ardir" else [])
+        student = once("student", lambda: build_student(data))
+        return ARDIRDistiller(teacher=teacher, student=student, layers=layers,
+                              attack=attack(FLAGS.steps), method=FLAGS.method,
+                              attack_objective=FLAGS.attack_objective, alpha=FLAGS.alpha,
+                              temperature=FLAGS.temperature, ir_weight=FLAGS.ir_weight,
+                              distance=FLAGS.distance)
+    distiller = once("distiller", make)
+    return distiller, distiller.student
 
 
 def teacher_model(workdir, data):
     if FLAGS.teacher:
         say(f"[teacher] loading {FLAGS.teacher}")
-        return load_teacher(FLAGS.teacher)
+        return load_model(FLAGS.teacher, "--teacher")
     return phase(workdir, "teacher", data, FLAGS.teacher_epochs,
-                 lambda: teacher_trainable(data))
+                 lambda: teacher_trainable(data, teacher_network(workdir, data)))
 
 
 # --- evaluation -------------------------------------------------------------
@@ -209,6 +240,7 @@ def evaluate_and_report(workdir, data, trained):
         reports[name] = evaluate.evaluate(
             model, data.test, FLAGS.eps, FLAGS.norm, attacks,
             n_examples=FLAGS.eval_examples or None, sequential=FLAGS.sequential_attacks,
+            sanity_examples=FLAGS.sanity_examples,
             seed=FLAGS.seed, verbose=int(FLAGS.verbose == 1))
     if not CHIEF:
         return
@@ -356,8 +388,7 @@ def main(argv):
     global CHIEF
     CHIEF = distribute.is_chief(strategy)
     import tensorflow as tf
-    if FLAGS.jit_compile and strategy.num_replicas_in_sync > 1 and \
-            not tf.config.list_physical_devices("GPU"):
+    if FLAGS.jit_compile and distribute.on_logical_cpus(strategy):
         fail("--jit_compile fails under a mirrored strategy on logical CPU devices (XLA "
              "cannot reach the other devices' variables); drop it, or use GPUs")
     import keras
@@ -385,7 +416,7 @@ def main(argv):
         f"{strategy.num_replicas_in_sync} replica(s), workdir {workdir.root}")
     try:
         with strategy.scope():
-            check_models(data)
+            check_models(workdir, data)
             if FLAGS.mode in ("distill", "train_teacher"):
                 claim(workdir)
                 if strategy.num_replicas_in_sync > 1:

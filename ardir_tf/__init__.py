@@ -4,10 +4,12 @@ Where each concept lives:
     models       model builders with named stages; expose(model, names)
     attacks      FGSM, PGD, CW, APGD-CE/-T, Square (Linf, L2) as functions
                  of (model_fn, x, y)
-    losses       per-example losses: ce, kd_kl, ir_distance, pgd_at, trades,
-                 ard, rslad, ardir
-    distill      ARDIRDistiller: teacher + student, adversarial train_step
-    adversarial  AdversarialTrainer: robust teachers (PGD-AT, TRADES)
+    losses       per-example losses: ce, kd_kl, ir_distance, natural, pgd_at,
+                 trades, ard, rslad, ardir (the objective: docs/objective.md)
+    distill      ARDIRDistiller: teacher + student, adversarial train_step;
+                 LayerPair(student=..., teacher=...)
+    adversarial  AdversarialTrainer: robust teachers (PGD-AT, TRADES) and the
+                 natural baseline
     data         digits (embedded), tfds sets, user .npz; tf.data pipelines
     evaluate     robustness reports: attack presets, worst case, per class
     sanity       the checks every evaluation runs on itself
@@ -15,16 +17,18 @@ Where each concept lives:
     training     optimisers and schedules; resumable training phases
     workdir      a run's directory: atomic writes, never another run's
     distribute   choosing the tf.distribute strategy
+    keras_compat every work-around of a Keras private API, in one place
+
+Importing it changes nothing in the process (no environment variable, no
+logger level, no random seed); set TF_CPP_MIN_LOG_LEVEL yourself before
+TensorFlow is imported to quieten its C++ start-up lines.
 """
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from ardir_tf import attacks, data, distribute, evaluate, losses, models  # noqa: E402
-from ardir_tf import report, sanity, training, workdir  # noqa: E402
-from ardir_tf.adversarial import AdversarialTrainer  # noqa: E402
-from ardir_tf.distill import ARDIRDistiller  # noqa: E402
+from ardir_tf import attacks, data, distribute, evaluate, losses, models
+from ardir_tf import report, sanity, training, workdir
+from ardir_tf.adversarial import AdversarialTrainer
+from ardir_tf.distill import ARDIRDistiller, LayerPair
 
 __all__ = ["attacks", "data", "distribute", "evaluate", "losses", "models", "report",
-           "sanity", "training", "workdir", "AdversarialTrainer", "ARDIRDistiller"]
+           "sanity", "training", "workdir", "AdversarialTrainer", "ARDIRDistiller",
+           "LayerPair"]

@@ -1,6 +1,8 @@
-"""AdversarialTrainer: trains a robust model (a teacher) with PGD-AT or TRADES.
+"""AdversarialTrainer: trains a robust model (a teacher) with PGD-AT or TRADES,
+or the natural baseline on clean inputs.
 
-Same attack, reduction and metric machinery as the distiller (`RobustModel`).
+Same attack, reduction and metric machinery as the distiller (`RobustModel`), so
+every phase of a run trains alike under every tf.distribute strategy.
 """
 
 import tensorflow as tf
@@ -8,7 +10,7 @@ import tensorflow as tf
 from ardir_tf import losses
 from ardir_tf.robust_model import RobustModel, check_logits_model
 
-METHODS = ("pgd_at", "trades")
+METHODS = ("pgd_at", "trades", "natural")
 
 
 class AdversarialTrainer(RobustModel):
@@ -16,20 +18,26 @@ class AdversarialTrainer(RobustModel):
 
     Args:
       model: the keras.Model to train (pixels -> logits).
-      attack: an `attacks.PGD`.
+      attack: an `attacks.PGD` (required, keyword-only). For "natural" it is
+        only the threat model that validation (`test_step`) attacks with.
       method: "pgd_at" (Madry et al. 2018: CE on x', attack with the attack's
-        own loss) or "trades" (Zhang et al. 2019: CE on x plus
-        beta * KL(f(x) || f(x')), attack maximising that KL). TRADES' reference
-        code starts the attack at x + 0.001 * N(0, 1); this one starts where the
-        attack says (uniform in the ball with random_start=True).
+        own loss), "trades" (Zhang et al. 2019: CE on x plus
+        beta * KL(f(x) || f(x')), attack maximising that KL), or "natural"
+        (CE on the clean x, no attack: the baseline robust methods beat).
+        TRADES' reference code starts the attack at x + 0.001 * N(0, 1); this
+        one starts where the attack says (uniform in the ball with
+        random_start=True).
       beta: TRADES' robustness weight (6.0 in the paper).
       eval_attack: attack used by `test_step`; defaults to `attack` with CE.
 
-    Metrics: loss, its terms (ce_adv; or ce and kl_adv), clean_accuracy,
-    adv_accuracy; test_step reports clean_accuracy and pgd_accuracy.
+    Metrics: loss, its terms (ce_adv; or ce and kl_adv; or ce), clean_accuracy,
+    adv_accuracy (not for "natural"); test_step reports clean_accuracy and
+    pgd_accuracy.
     """
 
-    def __init__(self, model, attack=None, method="pgd_at", beta=6.0,
+    TERMS = {"pgd_at": ["ce_adv"], "trades": ["ce", "kl_adv"], "natural": ["ce"]}
+
+    def __init__(self, model, *, attack, method="pgd_at", beta=6.0,
                  eval_attack=None, name="adversarial_trainer", **kwargs):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
@@ -41,9 +49,8 @@ class AdversarialTrainer(RobustModel):
             raise ValueError("pgd_at attacks with the attack's own loss, and loss='kl' needs a "
                              "reference distribution: use loss='ce' or 'cw', or method='trades'")
         losses.check_weight("beta", beta)
-        terms = ["ce_adv"] if method == "pgd_at" else ["ce", "kl_adv"]
-        super().__init__(model, attack, eval_attack, train_metrics=terms, name=name,
-                         **kwargs)
+        super().__init__(model, attack, eval_attack, train_metrics=self.TERMS[method],
+                         adversarial=method != "natural", name=name, **kwargs)
         self.model = model
         self.method, self.beta = method, float(beta)
 
@@ -52,8 +59,11 @@ class AdversarialTrainer(RobustModel):
         return self.model
 
     def adversarial_examples(self, x, y):
-        """The PGD examples a training step crafts for the batch (x, y)."""
+        """The PGD examples a training step crafts for the batch (x, y) (x
+        itself for "natural")."""
         x, y = self._unpack((x, y))
+        if self.method == "natural":
+            return x
         if self.method == "pgd_at":
             return self.attack(self._inference, x, y)
         p_clean = tf.nn.softmax(tf.cast(self._inference(x), tf.float32))
@@ -61,6 +71,13 @@ class AdversarialTrainer(RobustModel):
 
     def train_step(self, data):
         x, y = self._unpack(data)
+        if self.method == "natural":
+            with tf.GradientTape() as tape:
+                logits = self.model(x, training=True)
+                terms = losses.natural(y, logits)
+                scaled = self.optimizer.scale_loss(self._reduce(terms["loss"]))
+            self._apply(tape, scaled)
+            return self._report(y, terms, logits)
         x_adv = self.adversarial_examples(x, y)
         with tf.GradientTape() as tape:
             logits_adv = self.model(x_adv, training=True)

@@ -20,10 +20,13 @@ backward) pass for the clean term when alpha < 1 (or one inference pass for the
 clean-accuracy metric when alpha = 1), plus one teacher forward pass.
 """
 
+import dataclasses
+
 import keras
 import tensorflow as tf
 
 from ardir_tf import losses
+from ardir_tf.keras_compat import UnsavedAttributesMixin
 from ardir_tf.models import expose
 from ardir_tf.robust_model import RobustModel, check_logits_model
 
@@ -63,34 +66,67 @@ def build_adapter(student_shape, teacher_shape, name):
     return keras.Sequential(layers, name=name)
 
 
-def _check_pairs(layers):
-    pairs = []
-    for pair in layers:
-        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
-                or not all(isinstance(n, str) for n in pair)):
-            raise ValueError("layers must be (student_layer, teacher_layer) pairs of "
-                             f"layer names, e.g. [('stage2', 'stage3')]; got {pair!r}")
-        pairs.append(tuple(pair))
-    return pairs
+@dataclasses.dataclass(frozen=True)
+class LayerPair:
+    """A student layer whose representation the IR term pulls towards a teacher
+    layer's: `LayerPair(student="stage2", teacher="stage3")`.
+
+    Keras' `FeatureDistillation` names the teacher's layer first
+    (`teacher_layer_name=..., student_layer_name=...`); a bare tuple here is
+    (student, teacher), the other way round, so name them when in doubt.
+    """
+    student: str
+    teacher: str
+
+    def __post_init__(self):
+        for role in ("student", "teacher"):
+            name = getattr(self, role)
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"LayerPair.{role} must be a layer name, got {name!r}")
 
 
-class ARDIRDistiller(RobustModel):
+def layer_pair(pair):
+    """`pair` as a LayerPair: a LayerPair, a dict {"student": ..., "teacher": ...}
+    or a (student_layer, teacher_layer) tuple."""
+    if isinstance(pair, LayerPair):
+        return pair
+    if isinstance(pair, dict):
+        if set(pair) != {"student", "teacher"}:
+            raise ValueError('a layer pair given as a dict needs exactly the keys "student" '
+                             f'and "teacher"; got {pair!r}')
+        return LayerPair(**pair)
+    if (isinstance(pair, (list, tuple)) and len(pair) == 2
+            and all(isinstance(n, str) and n for n in pair)):
+        return LayerPair(*pair)
+    raise ValueError("layers must be LayerPair(student=..., teacher=...), "
+                     "{'student': ..., 'teacher': ...} or (student_layer, teacher_layer) "
+                     f"tuples of layer names, e.g. [('stage2', 'stage3')]; got {pair!r}")
+
+
+class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
     """Distils a robust teacher into a student on adversarial examples.
 
     Args:
       teacher: a trained keras.Model (pixels -> logits); frozen, always run in
         inference mode.
       student: the keras.Model to train (same input shape and classes).
-      layers: [(student_layer, teacher_layer), ...] whose representations the
-        IR term matches (method "ardir").
-      attack: an `attacks.PGD`; the attack run on the student each step.
+      layers: the layer pairs whose representations the IR term matches
+        (method "ardir"): `LayerPair(student=..., teacher=...)`, dicts
+        `{"student": ..., "teacher": ...}`, or tuples in the order
+        (student_layer, teacher_layer), the reverse of Keras'
+        `FeatureDistillation(teacher_layer_name, student_layer_name)`.
+      attack: an `attacks.PGD` (required, keyword-only); the attack run on the
+        student each step.
       method: "ardir" (ARD + IR term), "ard" (Goldblum et al. 2020) or "rslad"
         (Zhu et al. 2022).
       attack_objective: what PGD maximises: "ce" CE(s(x'), y) (ARD's), "kl"
         KL(t(x) || s(x')) (RSLAD's), "ardir" the distillation loss itself. None:
         "kl" for rslad, the attack's own loss (CE by default) otherwise.
       alpha: weight of the distillation term against the clean term, in [0, 1];
-        None: 0.9 for ardir and ard, 5/6 for rslad.
+        None: 0.9 for ardir and ard, 5/6 for rslad. This is the ARD paper's
+        alpha; Keras' `Distiller(student_loss_weight=...)` and keras-io's
+        `alpha` weigh the clean (student) loss instead:
+        student_loss_weight = 1 - alpha.
       temperature: softmax temperature of the KD term (ard, ardir; RSLAD's
         soft labels are at temperature 1).
       ir_weight: weight of the IR term (ardir); 0 makes ARDIR equal to ARD.
@@ -110,7 +146,7 @@ class ARDIRDistiller(RobustModel):
     for N replicas to train exactly like one device.
     """
 
-    def __init__(self, teacher, student, layers=(), attack=None, method="ardir",
+    def __init__(self, teacher, student, layers=(), *, attack, method="ardir",
                  attack_objective=None, alpha=None, temperature=1.0, ir_weight=1.0,
                  distance="normalized_mse", adapters=True, eval_attack=None,
                  name="ardir_distiller", **kwargs):
@@ -141,28 +177,34 @@ class ARDIRDistiller(RobustModel):
         if distance not in losses.DISTANCES:
             raise ValueError(f"unknown distance {distance!r}; valid: "
                              f"{', '.join(losses.DISTANCES)}")
-        pairs = _check_pairs(layers or ())
+        pairs = [layer_pair(p) for p in (layers or ())]
         if method != "ardir" and pairs:
             raise ValueError(f"layers are matched only by method='ardir'; method "
                              f"{method!r} uses logits alone: drop layers=")
         if method == "ardir" and ir_weight > 0 and not pairs:
-            raise ValueError("method='ardir' with ir_weight > 0 needs layers=[(student_layer, "
-                             "teacher_layer), ...]; without them it is ARD: use method='ard'")
+            raise ValueError("method='ardir' with ir_weight > 0 needs layers=[LayerPair("
+                             "student=..., teacher=...), ...]; without them it is ARD: use "
+                             "method='ard'")
         if attack_objective == "ardir" and method != "ardir":
             raise ValueError("attack_objective='ardir' needs method='ardir'")
         super().__init__(student, attack, eval_attack,
                          train_metrics=self._term_names(method, alpha, ir_weight),
                          name=name, **kwargs)
         self.student = student
-        self.teacher = teacher
-        teacher.trainable = False
+        # The teacher is kept out of Keras' tracking: the distiller's weights
+        # (what save_weights and the run's backups write) and its trainable
+        # variables are what training changes, the student and the adapters,
+        # not a teacher that can be 50 times the student's size. It always runs
+        # in inference mode. Its own `trainable` flag is left as the caller set
+        # it (a teacher trained after the distiller is built still trains).
+        self._views.teacher_model = teacher
         self.method, self.attack_objective = method, attack_objective
         self.alpha, self.temperature = float(alpha), float(temperature)
         self.ir_weight, self.distance = float(ir_weight), distance
         self.pairs = pairs
 
-        self._views.student = expose(student, [s for s, _ in self.pairs])
-        self._views.teacher = expose(teacher, [t for _, t in self.pairs])
+        self._views.student = expose(student, [p.student for p in self.pairs])
+        self._views.teacher = expose(teacher, [p.teacher for p in self.pairs])
         s_in, t_in = self._views.student.input.shape, self._views.teacher.input.shape
         if tuple(s_in[1:]) != tuple(t_in[1:]):
             raise ValueError(f"teacher and student must take the same input; teacher "
@@ -173,7 +215,8 @@ class ARDIRDistiller(RobustModel):
             raise ValueError(f"teacher and student must have the same classes; teacher "
                              f"logits have shape {t_out}, student {s_out}")
         self.adapters = []
-        for i, (s, t) in enumerate(self.pairs if self.ir_weight > 0 else ()):
+        for i, (s, t) in enumerate((p.student, p.teacher) for p in
+                                   (self.pairs if self.ir_weight > 0 else ())):
             s_shape = _feature_shape(self._views.student, s)
             t_shape = _feature_shape(self._views.teacher, t)
             if s_shape == t_shape:
@@ -196,12 +239,19 @@ class ARDIRDistiller(RobustModel):
     def network(self):
         return self.student
 
+    UNSAVED = ("teacher",)  # see __init__: the backups hold what training changes
+
+    @property
+    def teacher(self):
+        """The frozen teacher (not among the distiller's weights)."""
+        return self._views.teacher_model
+
     def _needs_clean_student(self):
         return self.method == "rslad" or self.alpha < 1
 
     def _adapted(self, student_out):
-        return [student_out[s] if a is None else a(student_out[s])
-                for (s, _), a in zip(self.pairs, self.adapters)]
+        return [student_out[p.student] if a is None else a(student_out[p.student])
+                for p, a in zip(self.pairs, self.adapters)]
 
     def _ir(self, student_out, teacher_features):
         """The weighted IR term, or None when it is off."""
@@ -211,7 +261,7 @@ class ARDIRDistiller(RobustModel):
                                                self.distance)
 
     def _teacher_features(self, teacher_out):
-        return [teacher_out[t] for _, t in self.pairs]
+        return [teacher_out[p.teacher] for p in self.pairs]
 
     def _adversarial(self, x, y, teacher_out):
         objective = self.attack_objective

@@ -6,10 +6,11 @@
                   over `devices` logical CPU devices when devices > 1 and there
                   is no such GPU, else the default strategy (one device)
     default       the default strategy: one device
-    mirrored      MirroredStrategy over `devices` GPUs when there are that many,
-                  else over `devices` logical devices split from the CPU (for
-                  trying multi-device code on a laptop or in tests; it is not
-                  faster there)
+    mirrored      MirroredStrategy over `devices` GPUs when there are that many;
+                  on a machine without GPUs, over `devices` logical devices split
+                  from the CPU (for trying multi-device code on a laptop or in
+                  tests; it is not faster there). More devices than GPUs on a
+                  machine with GPUs is an error, never a silent CPU run
     multi_worker  MultiWorkerMirroredStrategy over the cluster TF_CONFIG names
                   (each worker mirrors over its own GPUs, or its CPU)
 
@@ -72,6 +73,7 @@ def strategy(kind="auto", devices=1):
 
     Raises:
       ValueError: an unknown kind, devices < 1, devices > 1 with "default",
+        more devices than the machine's GPUs (on a machine that has GPUs),
         "multi_worker" without TF_CONFIG, or a CPU that cannot be split any more.
     """
     if kind not in KINDS:
@@ -97,7 +99,22 @@ def strategy(kind="auto", devices=1):
             return tf.distribute.get_strategy()
     if len(gpus) >= devices:
         return tf.distribute.MirroredStrategy([f"GPU:{i}" for i in range(devices)])
+    if gpus:
+        raise ValueError(f"devices={devices}, but this machine has {len(gpus)} GPU(s); "
+                         "logical CPU devices are only made on a machine without GPUs "
+                         f"(training would silently run on the CPU): use devices <= "
+                         f"{len(gpus)}")
     return tf.distribute.MirroredStrategy(_split_cpu(devices))
+
+
+def on_logical_cpus(strategy_):
+    """Whether `strategy_` mirrors over several devices of which one is a CPU
+    (logical devices split from it), where XLA (jit_compile) fails: it cannot
+    reach the other devices' variables."""
+    if strategy_.num_replicas_in_sync < 2 or isinstance(
+            strategy_, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    return any("CPU" in d.upper() for d in strategy_.extended.worker_devices)
 
 
 def barrier(strategy_):

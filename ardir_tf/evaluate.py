@@ -113,42 +113,46 @@ def collect(dataset, n_examples=None):
 
 class _Runner:
     """Compiled 'is the model still right after this attack?' functions, run over
-    batches. One tf.function per attack, traced once for every batch size."""
+    batches. One concrete function per attack, traced once for every batch size.
 
-    def __init__(self, model, example_shape, batch_size):
+    Random attacks repeat for a seed without touching TensorFlow's global seed:
+    each function sets the seed of its own graph (tf.random.set_seed inside a
+    trace sets only that graph's seed), so its random ops draw as they would
+    after a global tf.random.set_seed(seed), and the caller's random state is
+    left as it was."""
+
+    def __init__(self, model, example_shape, batch_size, seed):
         self.model_fn = lambda z: model(z, training=False)
         self.example = tf.TensorSpec([None, *example_shape], tf.float32)
         self.batch_size = batch_size
+        self.seed = int(seed)
         self._compiled = {}
 
     def _run(self, key, make_attack, *arrays, bar=None):
         if key not in self._compiled:
-            model_fn = self.model_fn
+            model_fn, seed = self.model_fn, self.seed
             attack = make_attack()
             extra = [tf.TensorSpec([None], tf.float32)] * (len(arrays) - 2)
 
             # autograph=False: the attacks are explicit tf.while_loops already, and
             # converting them costs most of the tracing time.
-            @tf.function(autograph=False,
-                         input_signature=[self.example, tf.TensorSpec([None], tf.int64),
-                                          *extra])
             def fn(xb, yb, *rest):
+                tf.random.set_seed(seed)  # this graph's seed only (see the class doc)
                 x_adv = xb if attack is None else attack(model_fn, xb, yb, *rest)
                 logits = attacks_lib._logits(model_fn(x_adv))
                 return tf.equal(tf.argmax(logits, -1), yb)
-            self._compiled[key] = fn
+            # A concrete function: each attack is its own function by design, and
+            # calling concrete functions keeps TensorFlow's "frequent retracing"
+            # warning (meant for accidental retraces) quiet without touching its
+            # logger.
+            self._compiled[key] = tf.function(fn, autograph=False).get_concrete_function(
+                self.example, tf.TensorSpec([None], tf.int64), *extra)
         fn, out = self._compiled[key], []
-        # Each attack is its own tf.function by design; TensorFlow's "frequent
-        # retracing" warning would call that a mistake.
-        logger, level = tf.get_logger(), tf.get_logger().level
-        logger.setLevel("ERROR")
-        try:
-            for i in range(0, len(arrays[1]), self.batch_size):
-                out.append(fn(*(a[i: i + self.batch_size] for a in arrays)).numpy())
-                if bar is not None:
-                    bar.add(len(out[-1]))
-        finally:
-            logger.setLevel(level)
+        for i in range(0, len(arrays[1]), self.batch_size):
+            out.append(fn(*(tf.convert_to_tensor(a[i: i + self.batch_size])
+                            for a in arrays)).numpy())
+            if bar is not None:
+                bar.add(len(out[-1]))
         return np.concatenate(out) if out else np.zeros([0], bool)
 
     def right(self, name, attack, x, y, bar=None):
@@ -182,7 +186,8 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
       n_examples: evaluate the first n examples only (None: all).
       sequential: run each attack only on the points earlier attacks left
         standing (cheaper; `robust_accuracy` becomes cumulative).
-      seed: TensorFlow's global seed is set to it, so attacks repeat exactly.
+      seed: seeds the attacks' random starts and queries, so the same call
+        gives the same report (TensorFlow's global seed is left alone).
       batch_size: examples per attack batch.
       sanity_examples: how many of the examples the sanity checks use (0
         skips them; the report then says reliable: None).
@@ -196,9 +201,8 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
     attacks = {name: a if isinstance(a, Attack) else Attack(a, {"attack": repr(a)})
                for name, a in attacks.items()}
     start = time.perf_counter()
-    tf.random.set_seed(seed)
     x, y = collect(dataset, n_examples)
-    runner = _Runner(model, x.shape[1:], batch_size)
+    runner = _Runner(model, x.shape[1:], batch_size, seed)
     clean = runner.right("clean", None, x, y)
 
     # robust[name][i]: True if example i survived the attack; in sequential mode

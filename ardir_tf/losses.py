@@ -8,7 +8,7 @@ KL divergences are summed over classes. PyTorch's `KLDivLoss(reduction="mean")`
 also averages over classes, so numbers from repos built on it are smaller by a
 factor of the number of classes; `reduction="batchmean"`/`sum(1)` match ours.
 
-The method losses (`pgd_at`, `trades`, `ard`, `rslad`, `ardir`) return a dict of
+The method losses (`natural`, `pgd_at`, `trades`, `ard`, `rslad`, `ardir`) return a dict of
 weighted per-example terms plus "loss", their sum, so a trainer can report every
 term by name.
 """
@@ -94,6 +94,11 @@ def check_weight(name, value, low=0.0, high=None):
         raise ValueError(f"{name} must be {allowed}, got {value}")
 
 
+def natural(y, logits):
+    """Natural training: CE on the clean input (the baseline robust methods beat)."""
+    return _terms(ce=ce(y, logits))
+
+
 def pgd_at(y, logits_adv):
     """PGD adversarial training (Madry et al. 2018): CE on the adversarial input."""
     return _terms(ce_adv=ce(y, logits_adv))
@@ -140,7 +145,8 @@ def ir_term(student_features, teacher_features, distance="normalized_mse"):
 def ardir(y, student_logits_clean, student_logits_adv, teacher_logits,
           student_features_adv, teacher_features, alpha=0.9, temperature=1.0,
           ir_weight=1.0, distance="normalized_mse"):
-    """ARDIR (Takahashi et al. 2022, arXiv 2211.00239), as DESIGN.md defines it.
+    """ARDIR (Takahashi et al. 2022, arXiv 2211.00239), as docs/objective.md defines
+    it (our reading of the paper's abstract; its full text is not available to us).
 
     ARD plus ir_weight * mean over pairs d(A(h_s(x')), h_t(x)): the student's
     internal representation on the adversarial input is pulled towards the

@@ -42,27 +42,27 @@ def format_table(reports):
 def plot_eps(reports, path):
     """Writes a PNG of PGD-20 accuracy against eps (the sanity sweep) for each
     model of {name: report}, atomically, and returns the path."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    # A Figure with its own Agg canvas, not pyplot: matplotlib's backend and
+    # pyplot's figures (a notebook's) stay as the caller had them.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    try:
-        threat = None
-        for name, r in reports.items():
-            sweep = r.get("sanity_checks", {}).get("eps_sweep", {})
-            if "eps" not in sweep:
-                continue
-            ax.plot(sweep["eps"], sweep["accuracy"], marker="o", label=name)
-            threat = r["eps"], r["norm"]
-        if threat:
-            ax.axvline(threat[0], color="grey", linestyle=":", label=f"eps = {threat[0]:.4g}")
-            ax.set_xlabel(f"eps ({threat[1]})")
-        ax.set_ylabel("accuracy under PGD-20")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    threat = None
+    for name, r in reports.items():
+        sweep = r.get("sanity_checks", {}).get("eps_sweep", {})
+        if "eps" not in sweep:
+            continue
+        ax.plot(sweep["eps"], sweep["accuracy"], marker="o", label=name)
+        threat = r["eps"], r["norm"]
+    if threat:
+        ax.axvline(threat[0], color="grey", linestyle=":", label=f"eps = {threat[0]:.4g}")
+        ax.set_xlabel(f"eps ({threat[1]})")
+    ax.set_ylabel("accuracy under PGD-20")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     return path

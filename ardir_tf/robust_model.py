@@ -5,8 +5,14 @@
 them the pieces whose correctness does not depend on the method:
 
 - per-example losses are reduced once with the global batch size
-  (`tf.nn.compute_average_loss`): Keras sums gradients across replicas, so a
-  per-replica mean would make the update N times too large on N replicas;
+  (`tf.nn.compute_average_loss`), the true one: the batch's size summed over
+  the replicas, so that a last batch the replicas split unevenly (1,437 digits
+  = 22 x 64 + 29) is averaged over its 29 examples. Keras sums gradients
+  across replicas, so a per-replica mean would make the update N times too
+  large on N replicas;
+- `compile` takes the optimizer only (these models compute their own losses
+  and metrics; a `loss=` or `metrics=` would be silently ignored, so it is
+  refused) and builds it at once, so `train_step` is traced once, not twice;
 - the loss is scaled for mixed precision inside the tape (`optimizer.scale_loss`);
 - a NaN or Inf loss stops training with an error instead of training on;
 - metrics are `keras.metrics.Mean` trackers fed per-example values, so they
@@ -20,6 +26,7 @@ import keras
 import tensorflow as tf
 
 from ardir_tf import attacks
+from ardir_tf.keras_compat import FitBuildMixin, fit_logs
 
 
 def check_attack(attack, name="attack"):
@@ -49,7 +56,7 @@ def accuracy(y, logits):
     return tf.cast(tf.equal(pred, tf.cast(y, tf.int32)), tf.float32)
 
 
-class RobustModel(keras.Model):
+class RobustModel(FitBuildMixin, keras.Model):
     """Base of the adversarial trainers: see the module docstring.
 
     Args:
@@ -59,16 +66,19 @@ class RobustModel(keras.Model):
         defaults to `attack` with the CE loss.
       train_metrics: names of the per-example terms `train_step` reports,
         besides "loss", "clean_accuracy" and "adv_accuracy".
+      adversarial: False for a model trained on clean inputs only (no
+        "adv_accuracy"; `attack` is then only the threat model of validation).
     """
 
     def __init__(self, network, attack, eval_attack=None, train_metrics=(),
-                 **kwargs):
+                 adversarial=True, **kwargs):
         super().__init__(**kwargs)
         self.attack = check_attack(attack)
         self.eval_attack = check_attack(
             eval_attack if eval_attack is not None else attack.replace(loss="ce"),
             "eval_attack")
-        names = ["loss", *train_metrics, "clean_accuracy", "adv_accuracy"]
+        names = ["loss", *train_metrics, "clean_accuracy"] + (
+            ["adv_accuracy"] if adversarial else [])
         self._train_trackers = {n: keras.metrics.Mean(name=n) for n in names}
         # Distinct metric names for the test side, but reported under the
         # plain keys (Keras prefixes them with "val_" during fit).
@@ -86,6 +96,34 @@ class RobustModel(keras.Model):
     @property
     def network(self):
         raise NotImplementedError
+
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, *, loss_weights=None,
+                weighted_metrics=None, **kwargs):
+        """`keras.Model.compile` for a model that computes its own loss and metrics.
+
+        Takes the optimizer (and Keras' run options: `jit_compile`,
+        `steps_per_execution`, `run_eagerly`); `loss=`, `metrics=`,
+        `loss_weights=` and `weighted_metrics=` raise ValueError, since the
+        method defines the loss and every metric is reported already (see the
+        class docstring). The optimizer is built here, before the first trace
+        of `train_step`: built during it, its new variables make TensorFlow
+        trace the step a second time.
+        """
+        given = [name for name, value in (("loss", loss), ("metrics", metrics),
+                                          ("loss_weights", loss_weights),
+                                          ("weighted_metrics", weighted_metrics))
+                 if value is not None]
+        if given:
+            raise ValueError(
+                f"{type(self).__name__}.compile takes an optimizer, not "
+                f"{', '.join(n + '=' for n in given)}: the loss is the method's own "
+                f"(the terms {', '.join(self._train_trackers)} are reported by name), "
+                "and fit/evaluate already report clean_accuracy and adv_accuracy "
+                "(pgd_accuracy in validation). Compute other metrics on "
+                f"`{type(self).__name__}.network` after training")
+        super().compile(optimizer=optimizer, **kwargs)
+        with self.distribute_strategy.scope():
+            self.optimizer.build(self.trainable_variables)
 
     @property
     def metrics(self):
@@ -123,55 +161,36 @@ class RobustModel(keras.Model):
         return self.network(z, training=False)
 
     def _reduce(self, per_example):
-        """The scalar to differentiate: sum over the replica's examples divided
-        by the global batch size."""
+        """The scalar to differentiate: the sum over this replica's examples
+        divided by the global batch's size (all-reduced, so that replicas
+        holding unequal shares of a last, partial batch still divide by its
+        true size)."""
         per_example = tf.debugging.check_numerics(
             per_example, "the training loss is NaN or Inf (lower the learning "
             "rate, or check the inputs are finite pixels in [0, 1])")
-        return tf.nn.compute_average_loss(per_example)
+        local = tf.shape(per_example)[0]
+        context = tf.distribute.get_replica_context()
+        global_size = local if context is None or context.num_replicas_in_sync == 1 \
+            else context.all_reduce(tf.distribute.ReduceOp.SUM, local)
+        return tf.nn.compute_average_loss(per_example, global_batch_size=global_size)
 
     def _apply(self, tape, scaled_loss):
         variables = self.trainable_variables
         grads = tape.gradient(scaled_loss, variables)
         self.optimizer.apply(grads, variables)
 
-    def _report(self, y, terms, logits_clean, logits_adv):
+    def _report(self, y, terms, logits_clean, logits_adv=None):
         for name, values in terms.items():
             self._train_trackers[name].update_state(values)
         self._train_trackers["clean_accuracy"].update_state(accuracy(y, logits_clean))
-        self._train_trackers["adv_accuracy"].update_state(accuracy(y, logits_adv))
+        if logits_adv is not None:
+            self._train_trackers["adv_accuracy"].update_state(accuracy(y, logits_adv))
         return self._logs(self._train_trackers)
 
-    def _multi_worker(self):
-        return isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy)
-
     def _logs(self, trackers):
-        """The trackers' results; of shape [1] under MultiWorkerMirroredStrategy,
-        where Keras 3.15's fit reduces each log with strategy.reduce(MEAN, axis=0),
-        which fails on a scalar (keras-team/keras#20585); the reduction brings
-        them back to scalars."""
-        logs = {n: t.result() for n, t in trackers.items()}
-        if self._multi_worker():
-            logs = {n: tf.reshape(v, [1]) for n, v in logs.items()}
-        return logs
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        """Builds from zeros shaped like the data, never from the data itself.
-
-        Under any strategy, Keras 3.15 pulls a batch from a fresh iterator of
-        the dataset to build from: with a dataset that reshuffles each
-        iteration, that iterator is an extra epoch, so training under a
-        strategy saw the shuffle order one epoch later than on one device
-        (and the same seed gave other weights). Under MultiWorkerMirroredStrategy
-        it then reduces that batch with strategy.reduce(MEAN), which fails
-        (keras-team/keras#20585). Every variable of this model already exists
-        (see __init__); the build needs only shapes and dtypes.
-        """
-        if iterator is not None:
-            spec = iterator.data_adapter.get_tf_dataset().element_spec
-            data_batch = tf.nest.map_structure(
-                lambda s: tf.zeros([1 if d is None else d for d in s.shape], s.dtype), spec)
-        return super()._maybe_symbolic_build(iterator=None, data_batch=data_batch)
+        """The trackers' results, shaped as `fit` can reduce them (keras_compat)."""
+        return fit_logs(self.distribute_strategy,
+                        {n: t.result() for n, t in trackers.items()})
 
     def test_step(self, data):
         x, y = self._unpack(data)

@@ -9,8 +9,9 @@ they fail, and the model looks robust when it is not).
     more_steps          PGD-100 is no weaker than PGD-20, PGD-20 than PGD-10
     unbounded           PGD-100 with an eps that spans the whole pixel range
                         drives accuracy to (near) zero
-    square_vs_gradient  the gradient-free Square attack breaks few points the
-                        gradient attacks left standing
+    square_vs_gradient  the gradient-free Square attack breaks few of the points
+                        the gradient attacks left standing (a share of those
+                        points; passes when there are none)
 
 Each returns {"passed": bool, "message": str, ...the numbers it used}. They
 run on the first `sanity_examples` examples of the evaluation (see
@@ -30,8 +31,9 @@ TOLERANCE = 0.01
 # "Near zero" for the unbounded attack.
 UNBOUNDED_MAX_ACCURACY = 0.05
 # Square may break this fraction of the points the gradient attacks left
-# standing before the gradient attacks are called masked. On honest models
-# (the digits teacher and student) Square breaks 0-4% more than PGD alone.
+# standing (or 2 of them, if more) before the gradient attacks are called
+# masked. On honest models (the digits teacher and student) Square breaks
+# 0-2% of the points PGD alone leaves standing.
 SQUARE_MARGIN = 0.05
 EPS_FACTORS = (0.25, 0.5, 1.0, 1.5, 2.0)
 SANITY_SQUARE_QUERIES = 1000
@@ -130,14 +132,26 @@ def run_checks(runner, x, y, clean, robust, gradient_free, *, eps, norm, verbose
         if len(left):
             free_robust[left] = runner.right("sanity-square", square, x[left], y[left])
         source = f"Square-{SANITY_SQUARE_QUERIES}"
-    square_only = float(np.mean(gradient_robust & ~free_robust))
-    ok = square_only <= SQUARE_MARGIN
+    # The share of the examples the gradient attacks left standing that Square
+    # broke: of those examples, not of all (at 5% robust accuracy a share of all
+    # could never pass 5%, however masked the gradients).
+    standing = int(gradient_robust.sum())
+    broken = int(np.sum(gradient_robust & ~free_robust))
+    square_only = broken / standing if standing else 0.0
+    # Two examples' slack, as for the other checks: of 4 points left standing
+    # (a natural model), Square breaking one is noise, not masking.
+    ok = broken <= max(SQUARE_MARGIN * standing, 2)
+    if standing:
+        message = (f"{source} gradient-free attack broke {square_only:.1%} ({broken} of "
+                   f"{standing}) of the examples the gradient attacks left standing")
+        if not ok:
+            message += (f" (more than {SQUARE_MARGIN:.0%} and 2 examples): GRADIENTS ARE LIKELY MASKED, the "
+                        "gradient attacks' numbers overstate robustness")
+    else:
+        message = ("the gradient attacks left no example standing: nothing for Square "
+                   "to break, so nothing is masked")
     out["square_vs_gradient"] = {
         "passed": ok, "gradient_accuracy": float(gradient_robust.mean()),
         "square_accuracy": float(free_robust.mean()), "square_only": square_only,
-        "message": f"{source} gradient-free attack broke {square_only:.1%} of examples "
-        "the gradient attacks could not" + ("" if ok else
-                                           f" (more than {SQUARE_MARGIN:.0%}): GRADIENTS "
-                                           "ARE LIKELY MASKED, the gradient attacks' "
-                                           "numbers overstate robustness")}
+        "standing": standing, "square_broke": broken, "message": message}
     return out

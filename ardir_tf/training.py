@@ -105,18 +105,22 @@ def resumable_epoch(workdir, phase):
 
 
 class SharedBackup(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore for a cluster sharing one backup directory: every
-    worker restores from it, only the chief writes it. The others save to a
-    throwaway file instead of skipping the save, because under a multi-worker
-    strategy reading some variables is a collective every worker must join."""
+    """BackupAndRestore (once an epoch) for a cluster sharing one backup
+    directory: every worker restores from it, only the chief writes it. The
+    others save to a throwaway file instead of skipping the save, because under
+    a multi-worker strategy reading some variables is a collective every worker
+    must join.
+
+    What is backed up is the trainer's weights: for the distiller the student,
+    the adapters and the optimizer, not the frozen teacher (see distill.py)."""
 
     def __init__(self, backup_dir, chief=True, **kwargs):
-        super().__init__(backup_dir, **kwargs)
+        super().__init__(backup_dir, save_freq="epoch", **kwargs)
         self.chief = chief
 
-    def _save_model(self):
+    def on_epoch_end(self, epoch, logs=None):
         if self.chief:
-            return super()._save_model()
+            return super().on_epoch_end(epoch, logs)
         with tempfile.TemporaryDirectory() as tmp:
             self.model.save_weights(os.path.join(tmp, "model.weights.h5"))
 

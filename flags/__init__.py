@@ -108,6 +108,9 @@ def define_flags():
     flags.DEFINE_boolean("random_start", True, "Start PGD at a random point in the ball.")
     flags.DEFINE_integer("eval_steps", 20, "PGD steps when evaluating.")
     flags.DEFINE_integer("eval_examples", 0, "Test examples to evaluate (0: all).")
+    flags.DEFINE_integer("sanity_examples", 500, "Examples the sanity checks of each "
+                         "evaluation run on (0: skip them; the report then says "
+                         "reliable: null).")
     flags.DEFINE_list("attacks", ["fast"], "Attack presets to evaluate with: fast (FGSM, "
                       "PGD-<eval_steps>, CW), standard (APGD-CE, APGD-T, Square; AutoAttack "
                       "without FAB-T), or both: fast,standard.")
@@ -162,6 +165,7 @@ def define_flags():
     _check("steps", lambda v: v >= 1, "must be >= 1")
     _check("eval_steps", lambda v: v >= 1, "must be >= 1")
     _check("eval_examples", lambda v: v >= 0, "must be >= 0 (0: all)")
+    _check("sanity_examples", lambda v: v >= 0, "must be >= 0 (0: skip the checks)")
     _check("attacks", lambda v: bool(v) and set(v) <= set(evaluate.SUITES),
            f"must be one or more of {', '.join(evaluate.SUITES)}, comma-separated")
     _check("alpha", lambda v: v is None or 0 <= v <= 1, "must be in [0, 1]")
@@ -184,12 +188,6 @@ def define_flags():
         ["strategy", "mode"], lambda f: f["strategy"] != "multi_worker" or
         f["mode"] in ("distill", "train_teacher"),
         message="--strategy=multi_worker trains: use it with --mode=distill or train_teacher")
-    flags.register_multi_flags_validator(
-        ["strategy", "mode", "natural_epochs"], lambda f: f["strategy"] != "multi_worker" or
-        f["mode"] != "distill" or f["natural_epochs"] == 0,
-        message="--natural_epochs must be 0 with --strategy=multi_worker: Keras 3.15's fit of "
-                "a plain model fails under MultiWorkerMirroredStrategy (keras-team/keras#20585); "
-                "the robust phases work around it")
     _check("max_body_mb", lambda v: v > 0, "must be > 0")
     _check("batch_delay_ms", lambda v: 0 <= v <= 1000, "must be in [0, 1000]")
     _check("onnx_path", lambda v: v is None or (v.endswith(".onnx") and os.path.isfile(v)),
@@ -263,7 +261,7 @@ def settings():
     """The run-defining flags as a dict (for flags.json): all of ours but how the
     run is displayed, whether it may overwrite, where prepared data lives, and
     the export/evaluation reach."""
-    skip = {"verbose", "overwrite", "eval_examples", "export_dir", "download", "data_dir",
+    skip = {"verbose", "overwrite", "eval_examples", "sanity_examples", "export_dir", "download", "data_dir",
             "attacks", "sequential_attacks", "opset", "parity_examples", "onnx_path", "host",
             "port", "max_batch", "max_body_mb", "batch_delay_ms", "strategy", "num_workers",
             "jit_compile"}

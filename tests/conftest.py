@@ -2,12 +2,16 @@
 
 The CPU is split into two logical devices before TensorFlow starts, so that
 MirroredStrategy tests run on this machine; everything else uses CPU:0 as usual.
+
+`trained` holds the models of a default run (`python main.py --mode=distill`),
+committed in tests/data/digits_run/ (made by tests/data/make_digits_run.py), so
+that the tests of attacks, evaluation and export start from real robust models
+without training them first. tests/test_robustness.py runs that command itself,
+end to end.
 """
 
 import os
 import pathlib
-import subprocess
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -34,23 +38,14 @@ def digits():
     return ardir_tf.data.digits(seed=0)
 
 
-@pytest.fixture(scope="session")
-def default_run(tmp_path_factory):
-    """The product's first door as a newcomer uses it: `python main.py
-    --mode=distill` with no other flag (but where to write, and no progress bars).
-    Natural baseline, PGD-AT teacher and ARDIR student on digits."""
-    workdir = tmp_path_factory.mktemp("default_run")
-    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--mode=distill",
-                           f"--workdir={workdir}", "--verbose=0"], cwd=workdir,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir, proc.stdout
+# A default run's workdir as the command left it (flags.json, metrics.json,
+# history.csv and the three models).
+DIGITS_RUN = ROOT / "tests" / "data" / "digits_run"
 
 
 @pytest.fixture(scope="session")
-def trained(default_run):
-    workdir, _ = default_run
-    out = {name: keras.models.load_model(workdir / f"{name}.keras")
+def trained():
+    out = {name: keras.models.load_model(DIGITS_RUN / f"{name}.keras")
            for name in ("natural", "teacher", "student")}
     out["attack"] = ardir_tf.attacks.PGD(**DIGITS_ATTACK)
     return out
@@ -80,3 +75,34 @@ def write_npz(path, n_train=20, n_test=8, size=6, classes=4, **overrides):
     arrays.update(overrides)
     np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
     return f"npz:{path}"
+
+
+# Run with pytest-xdist (pytest.ini: -n 2 --dist loadgroup): the tests that share
+# an expensive fixture go to one worker, so that the fixture is made once; every
+# other test goes wherever a worker is free. Those fixtures are session-scoped:
+# a worker interleaves modules, and a module-scoped fixture would be torn down
+# and made again each time its module came back.
+SHARED_FIXTURES = {"digits_run": "digits_run", "bad_runs": "digits_run", "runs": "runs",
+                   "served": "server", "onnx_path": "server",
+                   "natural_report": "natural_report", "default_run": "default_run",
+                   "exported_run": "exported_run"}
+
+
+# The longest tests (a minute each, most of it one subprocess), started first so
+# that no worker is left with one of them while the other has nothing to do.
+LONG_FIRST = ("test_robustness.py", "test_distribute.py", "test_readme.py::test_use_it",
+              "test_every_mode_on_mocked_tfds", "test_main.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        groups = [SHARED_FIXTURES[n] for n in getattr(item, "fixturenames", ())
+                  if n in SHARED_FIXTURES]
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(groups[0]))
+
+    def rank(item):
+        return next((i for i, key in enumerate(LONG_FIRST) if key in item.nodeid),
+                    len(LONG_FIRST))
+    items.sort(key=rank)  # stable: the order within each rank stays

@@ -5,7 +5,8 @@
 cases.json: {name: [arg, ...]}. For each case the flags are reset and
 `app.run(main.main)` runs with `main.py ARGS`, as `python main.py ARGS`
 would, with Python's stdout and stderr captured; the results are
-{name: {"returncode": int, "stderr": str}} on stdout.
+{name: {"returncode": int, "stderr": str, "stdout": str, "seconds": float}} on
+stdout.
 
 It exists to test command lines that must fail at start-up: each would
 otherwise cost a fresh process and a TensorFlow import (about 3 s of a CPU).
@@ -19,6 +20,7 @@ import io
 import json
 import os
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -38,15 +40,17 @@ import main  # noqa: E402
 
 def run(args):
     main.FLAGS.unparse_flags()
-    main.load_teacher.cache_clear()
+    main.load_model.cache_clear()
+    main.BUILT.clear()
     out, err = io.StringIO(), io.StringIO()
-    code = 0
+    code, start = 0, time.perf_counter()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             app.run(main.main, argv=[os.path.join(ROOT, "main.py"), *args])
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    return {"returncode": code, "stderr": err.getvalue(), "stdout": out.getvalue()}
+    return {"returncode": code, "stderr": err.getvalue(), "stdout": out.getvalue(),
+            "seconds": time.perf_counter() - start}
 
 
 if __name__ == "__main__":

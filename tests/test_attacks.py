@@ -227,16 +227,15 @@ def test_first_success_keeps_the_first_run_that_fooled_each_example():
     np.testing.assert_array_equal(out, [[0.0, 1.0], [2.0, 0.0], [0.0, 1.0]])
 
 
-def test_restarts_are_no_weaker_and_stay_in_the_ball(trained, digits):
+def test_restarts_break_more_and_stay_in_the_ball(trained, digits):
     _, (x, y) = digits
     model = trained["student"]
     fn = lambda z: model(z, training=False)  # noqa: E731
-    tf.random.set_seed(1)
-    one = attacks.pgd(fn, x, y, eps=0.15, step_size=0.05, steps=5)
-    tf.random.set_seed(1)
-    three = attacks.pgd(fn, x, y, eps=0.15, step_size=0.05, steps=5, restarts=3)
-    # Same seed: the first restart is the single run, so restarts only add.
-    assert accuracy(model, three, y) <= accuracy(model, one, y)
+    # One step from a random start: a weak attack, whose outcome depends on the
+    # start, so that further starts must break examples the first one missed.
+    one = attacks.pgd(fn, x, y, eps=0.15, step_size=0.15, steps=1)
+    three = attacks.pgd(fn, x, y, eps=0.15, step_size=0.15, steps=1, restarts=3)
+    assert accuracy(model, three, y) < accuracy(model, one, y) - 0.01
     assert np.abs(three - x).max() <= 0.15 + 1e-6
     with pytest.raises(ValueError, match="restarts > 1 needs random_start"):
         attacks.pgd(fn, x, y, eps=0.1, step_size=0.1, steps=1, random_start=False, restarts=2)

@@ -30,12 +30,17 @@ class Quantised(keras.Model):
         return self.inner(q, training=training)
 
 
-@pytest.fixture(scope="module")
+# Examples of the natural model's report: enough for its comparisons (accuracy
+# steps of 1/160), fewer than the 360 test digits, whose attacks cost 2.3x more.
+N_REPORT = 160
+
+
+@pytest.fixture(scope="session")
 def natural_report(trained, digits):
     # AutoAttack's standard set at smaller budgets (APGD-CE keeps its 100 steps).
     attacks = {**evaluate.fast(0.05), **evaluate.standard(0.05, n_targets=3, queries=1000)}
-    return evaluate.evaluate(trained["natural"], digits_ds(digits), 0.05, attacks=attacks,
-                             verbose=0)
+    return evaluate.evaluate(trained["natural"], digits_ds(digits, N_REPORT), 0.05,
+                             attacks=attacks, verbose=0)
 
 
 def test_apgd_ce_beats_pgd_and_the_worst_case_is_below_every_attack(natural_report):
@@ -46,7 +51,7 @@ def test_apgd_ce_beats_pgd_and_the_worst_case_is_below_every_attack(natural_repo
     assert acc["apgd_ce"] <= acc["pgd20"], acc
     assert r["worst_case_accuracy"] <= min(acc.values())
     assert r["worst_case_accuracy"] < r["clean_accuracy"]
-    assert r["n_examples"] == 360 and r["eps"] == 0.05 and r["norm"] == "linf"
+    assert r["n_examples"] == N_REPORT and r["eps"] == 0.05 and r["norm"] == "linf"
     assert set(r["attack_seconds"]) == set(acc) and r["seconds"] > 0
     assert r["attacks"]["apgd_t"] == {"attack": "apgd_targeted", "eps": 0.05, "norm": "linf",
                                       "steps": 100, "n_targets": 3}
@@ -141,3 +146,90 @@ def test_bad_arguments(trained, digits):
         evaluate.evaluate(model, digits_ds(digits), 0.1, attacks="strong")
     with pytest.raises(ValueError, match="empty dataset"):
         evaluate.evaluate(model, digits_ds(digits).take(0), 0.1)
+
+
+class StubRunner:
+    """An evaluate._Runner whose answers are given: every PGD of the sanity
+    checks breaks the examples in `pgd_breaks`, Square those in `square_breaks`
+    (indices into the examples it is asked about)."""
+
+    def __init__(self, pgd_breaks, square_breaks):
+        self.pgd_breaks, self.square_breaks = pgd_breaks, square_breaks
+
+    def right_pgd(self, steps, norm, x, y, eps, step_size):
+        n = len(self.pgd_breaks)
+        return ~np.tile(self.pgd_breaks, len(y) // n)
+
+    def right(self, name, attack, x, y, bar=None):
+        return ~self.square_breaks[: len(y)]
+
+
+def square_check(n, standing, square_breaks):
+    """square_vs_gradient on n examples all classified right, of which PGD leaves
+    the first `standing` standing, and Square (in the evaluation) breaks the
+    first `square_breaks` of those."""
+    x, y = np.zeros((n, 8, 8, 1), np.float32), np.zeros(n, np.int64)
+    pgd_robust = np.arange(n) < standing
+    square_robust = pgd_robust & (np.arange(n) >= square_breaks)
+    runner = StubRunner(~pgd_robust, ~square_robust)
+    checks = sanity.run_checks(runner, x, y, np.ones(n, bool),
+                               {"pgd": pgd_robust, "square": square_robust},
+                               {"pgd": False, "square": True}, eps=0.1, norm="linf")
+    return checks["square_vs_gradient"]
+
+
+def test_square_vs_gradient_is_a_share_of_the_points_left_standing():
+    # 4% robust accuracy under PGD (20 of 500), and Square breaks all 20: the
+    # gradients were masked on exactly the points PGD could not break. As a
+    # share of all 500 examples (4%) it would pass under the 5% margin.
+    masked = square_check(500, standing=20, square_breaks=20)
+    assert not masked["passed"], masked
+    assert masked["square_only"] == 1.0 and masked["standing"] == 20
+    assert "20 of 20" in masked["message"] and "MASKED" in masked["message"]
+    # Half the points standing, Square breaks 5% of them (12 of 250): passes.
+    honest = square_check(500, standing=250, square_breaks=12)
+    assert honest["passed"] and honest["square_only"] == pytest.approx(12 / 250)
+    assert not square_check(500, standing=250, square_breaks=14)["passed"]
+    # Few points standing: two examples' slack (1 of 4 broken is noise).
+    assert square_check(500, standing=4, square_breaks=2)["passed"]
+    assert not square_check(500, standing=4, square_breaks=3)["passed"]
+    # Nothing standing: nothing to compare, and the report says so.
+    none = square_check(500, standing=0, square_breaks=0)
+    assert none["passed"] and none["square_only"] == 0.0
+    assert "left no example standing" in none["message"]
+
+
+def test_evaluate_leaves_the_callers_random_state_and_logger_alone(trained, digits,
+                                                                   monkeypatch):
+    model = trained["student"]
+    ds = digits_ds(digits, 64)
+    attacks = {"pgd": evaluate.fast(0.15)["pgd20"]}
+    tf.random.set_seed(123)
+    tf.random.uniform([3])
+    expected = tf.random.uniform([3]).numpy()  # the caller's next draw
+
+    def no_logger_changes(*args):
+        raise AssertionError("evaluate changed TensorFlow's logger level")
+    monkeypatch.setattr(tf.get_logger(), "setLevel", no_logger_changes)
+    tf.random.set_seed(123)
+    tf.random.uniform([3])
+    first = evaluate.evaluate(model, ds, 0.15, attacks=attacks, verbose=0, seed=5,
+                              sanity_examples=0)
+    np.testing.assert_array_equal(tf.random.uniform([3]).numpy(), expected)
+    # And the report still repeats for a seed, whatever the caller's seed.
+    tf.random.set_seed(99)
+    again = evaluate.evaluate(model, ds, 0.15, attacks=attacks, verbose=0, seed=5,
+                              sanity_examples=0)
+    assert again["robust_accuracy"] == first["robust_accuracy"]
+
+
+def test_plot_leaves_matplotlibs_backend_alone(natural_report, tmp_path):
+    import matplotlib
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")  # as a caller might have it (a notebook's inline backend)
+    try:
+        report.plot_eps({"natural": natural_report}, tmp_path / "eps.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(previous)
+    assert (tmp_path / "eps.png").read_bytes()[:4] == b"\x89PNG"

@@ -14,17 +14,17 @@ import pytest
 import tensorflow as tf
 
 import ardir_tf
-from conftest import DIGITS_ATTACK, ROOT
+from conftest import DIGITS_ATTACK, DIGITS_RUN, ROOT
 from export import artifacts, parity
 
 ATTACK = ardir_tf.attacks.PGD(**DIGITS_ATTACK)
 
 
-@pytest.fixture(scope="module")
-def exported_run(default_run, tmp_path_factory):
-    """`python main.py --mode=export` on a copy of the default run's workdir."""
+@pytest.fixture(scope="session")
+def exported_run(tmp_path_factory):
+    """`python main.py --mode=export` on a copy of a default run's workdir."""
     workdir = tmp_path_factory.mktemp("export_run") / "run"
-    shutil.copytree(default_run[0], workdir)
+    shutil.copytree(DIGITS_RUN, workdir)
     proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--mode=export",
                            f"--workdir={workdir}", "--verbose=0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
@@ -95,7 +95,7 @@ def test_reloaded_savedmodel_and_keras_file_predict_as_before_export(exported_ru
 
 # --- unit tests on small models ----------------------------------------------
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def small(digits):
     """A small trained digits CNN and 64 test images."""
     (x_train, y_train), (x_test, y_test) = digits

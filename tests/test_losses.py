@@ -1,5 +1,5 @@
 """Golden values: hand-derived numbers, and numpy re-implementations written
-from the formulas in DESIGN.md, at tight tolerance."""
+from the formulas in docs/objective.md, at tight tolerance."""
 
 import math
 
@@ -67,20 +67,22 @@ def test_ir_distances_per_example_on_feature_maps():
 
 def test_method_losses_match_their_formulas():
     alpha, t, beta = 0.7, 3.0, 6.0
-    ard = losses.ard(Y, S_CLEAN, S_ADV, T_LOGITS, alpha, t)
-    np.testing.assert_allclose(
-        ard["loss"], alpha * t * t * np_kl(T_LOGITS, S_ADV, t) + (1 - alpha) * np_ce(Y, S_CLEAN),
-        rtol=1e-5)
-    assert set(ard) == {"kd", "ce", "loss"}
+    def check(terms, expected):
+        """Every term by name, and the loss as their sum."""
+        assert set(terms) == set(expected) | {"loss"}
+        for name, value in expected.items():
+            np.testing.assert_allclose(terms[name], value, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(terms["loss"], sum(expected.values()), rtol=1e-5)
 
-    rslad = losses.rslad(S_CLEAN, S_ADV, T_LOGITS, 5 / 6)
-    np.testing.assert_allclose(
-        rslad["loss"], 5 / 6 * np_kl(T_LOGITS, S_ADV) + 1 / 6 * np_kl(T_LOGITS, S_CLEAN), rtol=1e-5)
-
-    trades = losses.trades(Y, S_CLEAN, S_ADV, beta)
-    np.testing.assert_allclose(
-        trades["loss"], np_ce(Y, S_CLEAN) + beta * np_kl(S_CLEAN, S_ADV), rtol=1e-5)
-    np.testing.assert_allclose(losses.pgd_at(Y, S_ADV)["loss"], np_ce(Y, S_ADV), rtol=1e-5)
+    check(losses.ard(Y, S_CLEAN, S_ADV, T_LOGITS, alpha, t),
+          {"kd": alpha * t * t * np_kl(T_LOGITS, S_ADV, t),
+           "ce": (1 - alpha) * np_ce(Y, S_CLEAN)})
+    check(losses.rslad(S_CLEAN, S_ADV, T_LOGITS, 5 / 6),
+          {"kd": 5 / 6 * np_kl(T_LOGITS, S_ADV), "kd_clean": 1 / 6 * np_kl(T_LOGITS, S_CLEAN)})
+    check(losses.trades(Y, S_CLEAN, S_ADV, beta),
+          {"ce": np_ce(Y, S_CLEAN), "kl_adv": beta * np_kl(S_CLEAN, S_ADV)})
+    check(losses.pgd_at(Y, S_ADV), {"ce_adv": np_ce(Y, S_ADV)})
+    check(losses.natural(Y, S_CLEAN), {"ce": np_ce(Y, S_CLEAN)})
 
 
 def test_ardir_is_ard_plus_mean_ir_over_pairs():
@@ -100,6 +102,8 @@ def test_ardir_is_ard_plus_mean_ir_over_pairs():
 def test_ard_with_alpha_one_needs_no_clean_logits():
     out = losses.ard(Y, None, S_ADV, T_LOGITS, alpha=1.0, temperature=1.0)
     assert set(out) == {"kd", "loss"}
+    np.testing.assert_allclose(out["kd"], np_kl(T_LOGITS, S_ADV), rtol=1e-5)
+    np.testing.assert_allclose(out["loss"], out["kd"], rtol=0)
 
 
 def test_losses_are_the_same_inside_tf_function():

@@ -20,18 +20,31 @@ SMOKE = f"--flagfile={ROOT / 'flags' / 'smoke.cfg'}"
 # Runs main.py inside tfds.testing.mock_data, so tfds code paths run offline.
 MOCKED = ("import runpy, sys, tensorflow_datasets as tfds\n"
           "sys.argv = [sys.argv[0]] + sys.argv[1:]\n"
-          "with tfds.testing.mock_data(num_examples=64):\n"
+          "with tfds.testing.mock_data(num_examples=32):\n"
           f"    runpy.run_path({MAIN!r}, run_name='__main__')\n")
 
 
-def command(*args, mock_tfds=False):
-    head = [sys.executable, "-c", MOCKED] if mock_tfds else [sys.executable, MAIN]
+# Runs main.py counting the models it builds: "BUILDS [(arch, width), ...]" at exit.
+COUNTED = ("import atexit, runpy, sys\n"
+           "from ardir_tf import models\n"
+           "built, build = [], models.build\n"
+           "def counted(name, *args, **kwargs):\n"
+           "    built.append((name, kwargs.get('width')))\n"
+           "    return build(name, *args, **kwargs)\n"
+           "models.build = counted\n"
+           "atexit.register(lambda: print('BUILDS', built, flush=True))\n"
+           f"runpy.run_path({MAIN!r}, run_name='__main__')\n")
+
+
+def command(*args, mock_tfds=False, count_builds=False):
+    head = ([sys.executable, "-c", MOCKED] if mock_tfds else
+            [sys.executable, "-c", COUNTED] if count_builds else [sys.executable, MAIN])
     return head + [SMOKE, *args]
 
 
-def run(*args, mock_tfds=False, timeout=600):
-    proc = subprocess.run(command(*args, mock_tfds=mock_tfds), cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+def run(*args, mock_tfds=False, count_builds=False, timeout=600):
+    proc = subprocess.run(command(*args, mock_tfds=mock_tfds, count_builds=count_builds),
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     return proc
 
 
@@ -44,10 +57,10 @@ def metrics(workdir):
     return json.loads((pathlib.Path(workdir) / "metrics.json").read_text())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("digits")
-    proc = ok(run(f"--workdir={workdir}"))
+    proc = ok(run(f"--workdir={workdir}", count_builds=True))
     # As the run left them, before other tests evaluate into the same workdir.
     snapshot = tmp_path_factory.mktemp("digits_as_run", numbered=False)
     for name in ("metrics.json", "history.csv"):
@@ -75,6 +88,8 @@ def test_distill_on_digits_writes_the_run_and_prints_the_table(digits_run):
     for report in m.values():
         assert 0 <= report["robust_accuracy"]["pgd2"] <= report["clean_accuracy"] <= 1
         assert report["n_examples"] == 64
+        assert report["reliable"] is None  # smoke.cfg: --sanity_examples=0
+    assert "note     student: sanity checks not run" in proc.stdout
     lines = proc.stdout.splitlines()
     header = next(i for i, l in enumerate(lines) if l.startswith("model"))
     assert [l.split()[0] for l in lines[header + 2:header + 5]] == ["natural", "teacher",
@@ -82,6 +97,18 @@ def test_distill_on_digits_writes_the_run_and_prints_the_table(digits_run):
     phases = {l.split(",")[0] for l in (workdir / "history.csv").read_text().splitlines()[1:]}
     assert phases == {"natural", "teacher", "student"}
     assert json.loads((workdir / "flags.json").read_text())["method"] == "ardir"
+    # The natural baseline trains on the robust phases' machinery: its own terms.
+    assert {"natural,1,ce", "natural,1,clean_accuracy"} <= {
+        ",".join(r.split(",")[:3]) for r in (workdir / "history.csv").read_text().splitlines()}
+
+
+def test_distill_builds_each_model_once(digits_run):
+    """Validation (--layers, shapes) builds the teacher, the student and the
+    distiller the run then trains: the smoke teacher (width 8) once, the student
+    architecture (width 4) twice: the natural baseline and the student."""
+    _, proc = digits_run
+    built = proc.stdout.strip().splitlines()[-1]
+    assert built == "BUILDS [('small_cnn', 4), ('small_cnn', 8), ('small_cnn', 4)]", built
 
 
 def test_same_command_reuses_the_finished_run(digits_run):
@@ -94,11 +121,17 @@ def test_same_command_reuses_the_finished_run(digits_run):
         assert after[name]["clean_accuracy"] == before[name]["clean_accuracy"]
 
 
-def test_evaluate_and_export_modes(digits_run):
+def test_evaluate_and_export_modes(digits_run, tmp_path):
     import keras
-    workdir, _ = digits_run
+    # The run with its student alone: evaluate reads every model it finds, and
+    # one model is enough here (APGD-T's 9 x 100 steps cost seconds a model).
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    for name in ("flags.json", "metrics.json", "student.keras"):
+        (workdir / name).write_bytes((digits_run[0] / name).read_bytes())
     proc = ok(run("--mode=evaluate", f"--workdir={workdir}", "--eval_steps=3",
-                  "--attacks=fast,standard", "--sequential_attacks", "--eval_examples=32"))
+                  "--attacks=fast,standard", "--sequential_attacks", "--eval_examples=32",
+                  "--sanity_examples=32"))
     student = metrics(workdir)["student"]
     assert {"clean_accuracy", "robust_accuracy", "worst_case_accuracy", "per_class",
             "worst_class", "eps", "norm", "n_examples", "seed", "sanity_checks",
@@ -109,7 +142,9 @@ def test_evaluate_and_export_modes(digits_run):
     assert student["n_examples"] == 32 and student["sequential"]
     assert set(student["sanity_checks"]) == {"n_examples", "eps_sweep", "more_steps",
                                              "unbounded", "square_vs_gradient"}
+    assert student["sanity_checks"]["n_examples"] == 32 and student["reliable"] is not None
     assert "worst class" in proc.stdout and "apgd_t" in proc.stdout
+    assert "[evaluate] student:" in proc.stdout and "[evaluate] teacher" not in proc.stdout
     png = workdir / "robustness-linf-0.15.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
     # Another eps is stored beside the run's own entry, not over it.
@@ -124,13 +159,6 @@ def test_evaluate_and_export_modes(digits_run):
     np.testing.assert_allclose(exported(x), original(x), atol=1e-6)
 
 
-def test_train_teacher_mode(tmp_path):
-    proc = ok(run("--mode=train_teacher", "--teacher_method=trades", f"--workdir={tmp_path}"))
-    assert (tmp_path / "teacher.keras").is_file() and not (tmp_path / "student.keras").exists()
-    assert set(metrics(tmp_path)) == {"teacher"}
-    assert "teacher" in proc.stdout
-
-
 def test_distill_with_a_given_teacher_and_rslad(digits_run, tmp_path):
     workdir, _ = digits_run
     proc = ok(run(f"--teacher={workdir / 'teacher.keras'}", "--method=rslad",
@@ -140,6 +168,7 @@ def test_distill_with_a_given_teacher_and_rslad(digits_run, tmp_path):
 
 
 def test_every_mode_on_mocked_tfds_cifar10(tmp_path):
+    """distill, evaluate, export and train_teacher (TRADES) on the tfds path."""
     workdir = f"--workdir={tmp_path / 'distill'}"
     ok(run("--dataset=cifar10", workdir, mock_tfds=True))
     assert set(metrics(tmp_path / "distill")) == {"natural", "teacher", "student"}
@@ -148,19 +177,26 @@ def test_every_mode_on_mocked_tfds_cifar10(tmp_path):
     assert "cifar10 (32, 32, 3)" in proc.stdout
     ok(run("--mode=export", workdir, mock_tfds=True))
     assert (tmp_path / "distill" / "export" / "student.keras").is_file()
-    ok(run("--mode=train_teacher", "--dataset=cifar10", f"--workdir={tmp_path / 'teacher'}",
-           mock_tfds=True))
-    assert set(metrics(tmp_path / "teacher")) == {"teacher"}
+    teacher = tmp_path / "teacher"
+    proc = ok(run("--mode=train_teacher", "--teacher_method=trades", "--dataset=cifar10",
+                  f"--workdir={teacher}", mock_tfds=True))
+    assert (teacher / "teacher.keras").is_file() and not (teacher / "student.keras").exists()
+    assert set(metrics(teacher)) == {"teacher"}
+    assert "[teacher] training for 1 epochs" in proc.stdout
+    # The table has the teacher's row, and no other model's; TRADES' terms are logged.
+    rows = [l.split()[0] for l in proc.stdout.splitlines()
+            if l.split() and l.split()[0] in ("natural", "teacher", "student")]
+    assert rows == ["teacher"], proc.stdout
+    assert {"kl_adv", "ce"} <= {r.split(",")[2] for r in
+                               (teacher / "history.csv").read_text().splitlines()[1:]}
 
 
-def test_unprepared_tfds_dataset_fails_fast_with_how_to_prepare(tmp_path):
-    start = time.perf_counter()
-    proc = run("--dataset=cifar10", f"--data_dir={tmp_path / 'empty'}",
-               f"--workdir={tmp_path / 'run'}", timeout=120)
+def test_unprepared_tfds_dataset_fails_fast_with_how_to_prepare(bad_runs):
+    proc, _ = bad_runs["tfds_unprepared"]
     assert proc.returncode != 0
     assert "not prepared" in proc.stderr and "--download" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert time.perf_counter() - start < 60  # seconds of start-up, not minutes of retries
+    assert proc.seconds < 60  # seconds of start-up, not minutes of retries
 
 
 def test_kill_9_mid_training_then_the_same_command_resumes(tmp_path):
@@ -204,25 +240,13 @@ def test_same_seed_same_metrics(digits_run, tmp_path, tmp_path_factory):
     assert (tmp_path / "history.csv").read_text() == (first / "history.csv").read_text()
 
 
-def test_another_runs_files_are_never_overwritten_silently(digits_run, tmp_path):
-    workdir, _ = digits_run
-    before = (workdir / "metrics.json").read_text()
-    proc = run(f"--workdir={workdir}", "--eps=0.1")
-    assert proc.returncode != 0
+def test_another_runs_files_are_never_overwritten_silently(bad_runs):
+    proc, _ = bad_runs["another_run"]
     assert "holds another run" in proc.stderr and "--eps was 0.15, now 0.1" in proc.stderr
-    assert (workdir / "metrics.json").read_text() == before
-    stranger = tmp_path / "notes"
-    stranger.mkdir()
-    (stranger / "thesis.tex").write_text("mine")
-    proc = run(f"--workdir={stranger}")
+    assert (proc.workdir / "metrics.json").read_text() == proc.metrics_before
+    proc, _ = bad_runs["not_a_run"]
     assert proc.returncode != 0 and "holds no run of ours" in proc.stderr
-    assert (stranger / "thesis.tex").read_text() == "mine"
-
-
-def test_user_npz_dataset_trains(tmp_path):
-    dataset = write_npz(tmp_path / "mine.npz", n_train=40, n_test=12, size=8, classes=3)
-    ok(run(f"--dataset={dataset}", f"--workdir={tmp_path / 'run'}", "--batch_size=16"))
-    assert metrics(tmp_path / "run")["student"]["n_examples"] == 12
+    assert (proc.workdir / "thesis.tex").read_text() == "mine"
 
 
 BAD = {
@@ -255,8 +279,6 @@ BAD = {
     "num_workers": (["--num_workers=2"], "--num_workers starts a local cluster: it needs"),
     "multi_worker_mode": (["--mode=evaluate", "--strategy=multi_worker"],
                           "--strategy=multi_worker trains"),
-    "multi_worker_natural": (["--strategy=multi_worker", "--num_workers=2"],
-                             "--natural_epochs must be 0 with --strategy=multi_worker"),
     "multi_worker_no_cluster": (["--strategy=multi_worker", "--natural_epochs=0"],
                                 "needs TF_CONFIG"),
     "default_devices": (["--strategy=default", "--devices=2"], "runs on one device"),
@@ -264,11 +286,15 @@ BAD = {
 }
 
 
-@pytest.fixture(scope="module")
-def bad_runs(tmp_path_factory):
+@pytest.fixture(scope="session")
+def bad_runs(tmp_path_factory, digits_run):
     """Every bad command line, run through main.py's start-up in one process
     (tests/startup_harness.py: one TensorFlow import instead of one per case)."""
     root = tmp_path_factory.mktemp("bad")
+    stranger = root / "notes"
+    stranger.mkdir()
+    (stranger / "thesis.tex").write_text("mine")
+    run_dir = digits_run[0]
     npz = write_npz(root / "nokeys.npz", size=8, y_test=None)
     corrupt = root / "corrupt.keras"
     corrupt.write_text("not a model")
@@ -277,15 +303,25 @@ def bad_runs(tmp_path_factory):
     ardir_tf.models.build("small_cnn", (28, 28, 1), 10, width=2).save(mnist_teacher)
     cases = dict(BAD, npz_keys=([f"--dataset={npz}"], "missing key(s) y_test"),
                  teacher_corrupt=([f"--teacher={corrupt}"], "cannot load it as a Keras model"),
-                 teacher_shape=([f"--teacher={mnist_teacher}"], "--teacher takes (28, 28, 1)"))
-    argvs = {name: [SMOKE, *args, f"--workdir={root / name}"]
+                 teacher_shape=([f"--teacher={mnist_teacher}"], "--teacher takes (28, 28, 1)"),
+                 tfds_unprepared=(["--dataset=cifar10", f"--data_dir={root / 'empty'}"],
+                                  "not prepared"),
+                 another_run=([f"--workdir={run_dir}", "--eps=0.1"], "holds another run"),
+                 not_a_run=([f"--workdir={stranger}"], "holds no run of ours"))
+    workdirs = {name: next((pathlib.Path(a.split("=", 1)[1]) for a in args
+                            if a.startswith("--workdir=")), root / name)
+                for name, (args, _) in cases.items()}
+    argvs = {name: [SMOKE, *args, f"--workdir={workdirs[name]}"]
              for name, (args, _) in cases.items()}
+    metrics_before = (run_dir / "metrics.json").read_text()
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "startup_harness.py")],
                           input=json.dumps(argvs), cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout)
-    return {name: (types.SimpleNamespace(**results[name]), cases[name][1]) for name in cases}
+    return {name: (types.SimpleNamespace(**results[name], workdir=workdirs[name],
+                                         metrics_before=metrics_before), cases[name][1])
+            for name in cases}
 
 
 def test_the_harness_sees_what_a_fresh_process_sees(bad_runs):
@@ -297,7 +333,8 @@ def test_the_harness_sees_what_a_fresh_process_sees(bad_runs):
         (harness.returncode, harness.stderr.strip().splitlines()[-2:])
 
 
-@pytest.mark.parametrize("case", [*BAD, "npz_keys", "teacher_corrupt", "teacher_shape"])
+@pytest.mark.parametrize("case", [*BAD, "npz_keys", "teacher_corrupt", "teacher_shape",
+                                  "tfds_unprepared", "another_run", "not_a_run"])
 def test_bad_flag_gets_a_one_line_message(bad_runs, case):
     proc, message = bad_runs[case]
     assert proc.returncode != 0

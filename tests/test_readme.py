@@ -38,3 +38,21 @@ def test_ci_runs_the_readme_test_command():
     command = re.search(r"```sh\n(pip install -r requirements.txt && python -m pytest[^\n]*)\n",
                         README).group(1)
     assert command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_repository_stands_alone():
+    """Code, tests and docs cite nothing outside the repository: a user's clone
+    has none of the team's shared folder, design or notes files beside it."""
+    # Spelled in pieces, so that this file does not match itself.
+    outside = re.compile("|".join([r"\.\./" + "shared", "DESIGN" + r"\.md",
+                                   "KERAS3" + "_NOTES", "CONVENTIONS" + r"\.md"]))
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    names = files.stdout.split() if files.returncode == 0 else [
+        str(p.relative_to(ROOT)) for p in ROOT.rglob("*") if p.is_file()]
+    checked = [n for n in names if n.endswith((".py", ".md", ".cfg", ".txt", ".ini"))
+               and not n.startswith("tests/benchmarks/")]
+    assert "README.md" in checked and "ardir_tf/losses.py" in checked
+    hits = [n for n in checked if outside.search((ROOT / n).read_text(errors="replace"))]
+    assert not hits, hits
+    assert (ROOT / "docs" / "objective.md").is_file()
+    assert "docs/objective.md" in README

@@ -1,11 +1,14 @@
 """End to end on digits: the default command's teacher and ARDIR student are robust."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
 from ardir_tf import attacks
-from conftest import DIGITS_ATTACK
+from conftest import DIGITS_ATTACK, ROOT
 
 
 def pgd_accuracy(model, x, y):
@@ -16,6 +19,19 @@ def pgd_accuracy(model, x, y):
 
 def clean_accuracy(model, x, y):
     return float(np.mean(np.argmax(model(x, training=False), -1) == y))
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """The product's first door as a newcomer uses it: `python main.py
+    --mode=distill` with no other flag (but where to write, and no progress bars).
+    Natural baseline, PGD-AT teacher and ARDIR student on digits."""
+    workdir = tmp_path_factory.mktemp("default_run")
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--mode=distill",
+                           f"--workdir={workdir}", "--verbose=0"], cwd=workdir,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir, proc.stdout
 
 
 def test_teacher_and_student_beat_a_natural_model_under_pgd(trained, digits):

@@ -37,7 +37,7 @@ def instances(images):
     return json.dumps({"instances": np.round(images, 3).tolist()}).encode()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def images():
     return np.random.default_rng(0).random((MAX_BATCH + 1, *SHAPE), np.float32)
 
@@ -112,10 +112,12 @@ def test_decode_reads_json_and_npy_alike():
 
 def test_batcher_merges_requests_that_wait_and_splits_the_answers():
     calls = []
+    busy, release = threading.Event(), threading.Event()
 
     def run(x):
         calls.append(len(x))
-        time.sleep(0.2)
+        busy.set()
+        assert release.wait(30)  # the first batch runs until the others are queued
         return x.reshape(len(x), -1)[:, :2] * 10
 
     async def scenario():
@@ -123,8 +125,12 @@ def test_batcher_merges_requests_that_wait_and_splits_the_answers():
         batcher.start()
         xs = [np.full((n, 2, 1, 1), i, np.float32) for i, n in enumerate([1, 2, 3, 2, 1])]
         first = asyncio.ensure_future(batcher.predict(xs[0]))
-        await asyncio.sleep(0.05)  # the model is now busy with the first request
+        while not busy.is_set():  # the model is now busy with the first request
+            await asyncio.sleep(0.001)
         rest = [asyncio.ensure_future(batcher.predict(x)) for x in xs[1:]]
+        while batcher._queue.qsize() < len(rest):
+            await asyncio.sleep(0)
+        release.set()
         outs = await asyncio.gather(first, *rest)
         await batcher.stop()
         return xs, outs, batcher
@@ -173,7 +179,7 @@ def test_shutdown_finishes_the_requests_in_flight():
 
 # --- the server, as a client sees it ----------------------------------------
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def onnx_path(tmp_path_factory, digits):
     (x_train, y_train), (x_test, y_test) = digits
     model = ardir_tf.models.build("small_cnn", SHAPE, 10, width=4)
@@ -184,13 +190,10 @@ def onnx_path(tmp_path_factory, digits):
     return directory / "student.onnx"
 
 
-@pytest.fixture(scope="module")
-def served(onnx_path):
-    """`python main.py --mode=serve` on a free loopback port; yields (process, port)."""
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "main.py"), "--mode=serve", f"--onnx_path={onnx_path}",
-         "--port=0", f"--max_batch={MAX_BATCH}", f"--max_body_mb={MAX_BODY / 2**20}"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_server(command):
+    """Starts a server process; returns (process, port, lines printed so far)."""
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     lines = []
     deadline = time.time() + 120
     port = None
@@ -202,6 +205,15 @@ def served(onnx_path):
         found = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
         port = found and int(found.group(1))
     assert port, "".join(lines) + proc.stderr.read()
+    return proc, port, lines
+
+
+@pytest.fixture(scope="session")
+def served(onnx_path):
+    """`python main.py --mode=serve` on a free loopback port; yields (process, port)."""
+    proc, port, lines = start_server(
+        [sys.executable, str(ROOT / "main.py"), "--mode=serve", f"--onnx_path={onnx_path}",
+         "--port=0", f"--max_batch={MAX_BATCH}", f"--max_body_mb={MAX_BODY / 2**20}"])
     yield proc, port, lines
     if proc.poll() is None:
         proc.kill()
@@ -306,13 +318,16 @@ def test_concurrent_clients_each_get_their_own_answer(served, onnx_path, images)
     def one(i):
         return request(port, "POST", "/v1/predict", npy(images[i:i + 1]), "application/x-npy")
 
+    before = request(port, "GET", "/healthz")[1]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(one, list(range(len(images))) * 4))
     for i, (status, answer) in zip(list(range(len(images))) * 4, answers):
         assert status == 200
         np.testing.assert_allclose(answer["probabilities"][0], want[i], atol=1e-6)
-    health = request(port, "GET", "/healthz")[1]
-    assert health["images"] >= 4 * len(images) and health["batches"] <= health["requests"]
+    after = request(port, "GET", "/healthz")[1]
+    # Every request counted once, every image once, whatever the merging.
+    assert after["requests"] - before["requests"] == 4 * len(images)
+    assert after["images"] - before["images"] == 4 * len(images)
 
 
 def test_the_readme_clients_work(served, onnx_path, images):
@@ -338,9 +353,14 @@ def test_the_readme_clients_work(served, onnx_path, images):
     assert health["status"] == "ok" and len(answer["labels"]) == 1
 
 
-def test_sigterm_stops_the_server_cleanly(served):
-    """Runs last in this module: it stops the module's server."""
-    proc, _, _ = served
+def test_sigterm_stops_the_server_cleanly(onnx_path):
+    """A server of its own (export.server, which imports no TensorFlow, so it
+    starts in a second): SIGTERM, then a clean exit."""
+    proc, port, _ = start_server([sys.executable, "-c", (
+        "from export import server\n"
+        f"server.serve({str(onnx_path)!r}, '127.0.0.1', 0, server.Limits(),"
+        " log=lambda m: print(m, flush=True))")])
+    assert request(port, "GET", "/healthz")[0] == 200
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-2000:]
