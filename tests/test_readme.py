@@ -56,3 +56,23 @@ def test_the_repository_stands_alone():
     assert not hits, hits
     assert (ROOT / "docs" / "objective.md").is_file()
     assert "docs/objective.md" in README
+
+
+def test_the_docs_say_what_a_keras_user_must_know():
+    """The README, the objective's definition and the distiller's docstring say
+    which way alpha and a layer tuple go (both differ from Keras' Distiller), and
+    that the objective is our reading of the paper's abstract."""
+    sys.path.insert(0, str(ROOT))
+    import ardir_tf
+    objective = README.split("## The objective", 1)[1].split("\n## ", 1)[0]
+    assert "Only the ARDIR paper's abstract is available to us" in objective
+    assert "our reading of the" in objective and "docs/objective.md" in objective
+    docs = " ".join((ROOT / "docs" / "objective.md").read_text().split())
+    assert "Only the paper's abstract is available to us" in docs
+    for text in (objective, docs, ardir_tf.ARDIRDistiller.__doc__):
+        flat = " ".join(text.split())
+        assert "student_loss_weight = 1 - alpha" in flat or \
+            "`student_loss_weight` (keras-io's `alpha`) is our `1 - alpha`" in flat
+    distiller_doc = " ".join(ardir_tf.ARDIRDistiller.__doc__.split())
+    assert "(student_layer, teacher_layer), the reverse of Keras'" in distiller_doc
+    assert "student first, the reverse of Keras'" in " ".join(objective.split())
