@@ -11,6 +11,9 @@
                   from the CPU (for trying multi-device code on a laptop or in
                   tests; it is not faster there). More devices than GPUs on a
                   machine with GPUs is an error, never a silent CPU run
+    mirrored_cpu  MirroredStrategy over `devices` logical devices split from the
+                  CPU, asked for by name: even on a machine with GPUs (to try
+                  multi-device code without them)
     multi_worker  MultiWorkerMirroredStrategy over the cluster TF_CONFIG names
                   (each worker mirrors over its own GPUs, or its CPU)
 
@@ -32,7 +35,7 @@ import time
 
 import tensorflow as tf
 
-KINDS = ("auto", "default", "mirrored", "multi_worker")
+KINDS = ("auto", "default", "mirrored", "mirrored_cpu", "multi_worker")
 
 
 def _split_cpu(devices):
@@ -92,6 +95,8 @@ def strategy(kind="auto", devices=1):
             raise ValueError(f"strategy default runs on one device; devices={devices} "
                              "needs mirrored")
         return tf.distribute.get_strategy()
+    if kind == "mirrored_cpu":
+        return tf.distribute.MirroredStrategy(_split_cpu(devices))
     if kind == "auto":
         if len(gpus) > 1 and devices == 1:
             return tf.distribute.MirroredStrategy([f"GPU:{i}" for i in range(len(gpus))])
@@ -103,7 +108,8 @@ def strategy(kind="auto", devices=1):
         raise ValueError(f"devices={devices}, but this machine has {len(gpus)} GPU(s); "
                          "logical CPU devices are only made on a machine without GPUs "
                          f"(training would silently run on the CPU): use devices <= "
-                         f"{len(gpus)}")
+                         f"{len(gpus)}, or ask for CPU devices by name with "
+                         "strategy mirrored_cpu")
     return tf.distribute.MirroredStrategy(_split_cpu(devices))
 
 

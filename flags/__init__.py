@@ -62,8 +62,9 @@ def define_flags():
     flags.DEFINE_enum("strategy", "auto", list(distribute.KINDS), "tf.distribute strategy: "
                       "auto (mirrored over all GPUs when there are 2 or more, or over "
                       "--devices; else one device), default (one device), mirrored (over "
-                      "--devices GPUs, or logical CPU devices), multi_worker (the cluster "
-                      "in TF_CONFIG).")
+                      "--devices GPUs, or logical CPU devices on a machine without GPUs), "
+                      "mirrored_cpu (over --devices logical CPU devices, even with GPUs), "
+                      "multi_worker (the cluster in TF_CONFIG).")
     flags.DEFINE_integer("num_workers", 0, "With --strategy=multi_worker and no TF_CONFIG: "
                          "start this many workers on 127.0.0.1 (to try multi-worker on one "
                          "machine).")

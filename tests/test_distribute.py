@@ -53,8 +53,12 @@ def test_a_machine_with_gpus_never_splits_its_cpu(monkeypatch):
         [tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU")] if kind == "GPU"
         else real(kind)))
     for kind in ("auto", "mirrored"):
-        with pytest.raises(ValueError, match="devices=2, but this machine has 1 GPU"):
+        with pytest.raises(ValueError, match="devices=2, but this machine has 1 GPU.*"
+                                             "mirrored_cpu"):
             distribute.strategy(kind, devices=2)
+    # Asked for by name, the CPU is split all the same (conftest split it in two).
+    cpus = distribute.strategy("mirrored_cpu", devices=2)
+    assert cpus.num_replicas_in_sync == 2 and distribute.on_logical_cpus(cpus)
 
 
 def test_xla_is_refused_exactly_on_logical_cpu_devices():
