@@ -114,10 +114,21 @@ def teacher_network(workdir, data):
     distils the trained teacher)."""
     if FLAGS.teacher:
         return load_model(FLAGS.teacher, "--teacher")
-    if workdir.exists("teacher.keras"):
+    if workdir.exists("teacher.keras") and resumes(workdir):
         return load_model(workdir.path("teacher.keras"))
     return once("teacher", lambda: build(FLAGS.teacher_arch, FLAGS.teacher_width,
                                          FLAGS.teacher_depth, data))
+
+
+def resumes(workdir):
+    """Whether `workdir` holds this very run (so its finished models are ours).
+    Validation runs before the workdir is claimed: another run's teacher.keras,
+    which --overwrite is about to delete, is never this run's teacher."""
+    from ardir_tf.workdir import Workdir
+    try:
+        return workdir.read_json(Workdir.SETTINGS) == cli.settings()
+    except ValueError:
+        return False
 
 
 def check_models(workdir, data):
@@ -203,7 +214,7 @@ def teacher_trainable(data, model):
 
 
 def student_trainable(data, teacher):
-    """The distiller of the run (built once) and its student."""
+    """The distiller of `teacher` (built once) and its student."""
     from ardir_tf import ARDIRDistiller, LayerPair
 
     def make():
@@ -215,7 +226,7 @@ def student_trainable(data, teacher):
                               attack_objective=FLAGS.attack_objective, alpha=FLAGS.alpha,
                               temperature=FLAGS.temperature, ir_weight=FLAGS.ir_weight,
                               distance=FLAGS.distance)
-    distiller = once("distiller", make)
+    distiller = once(("distiller", id(teacher)), make)
     return distiller, distiller.student
 
 

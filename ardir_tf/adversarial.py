@@ -30,9 +30,11 @@ class AdversarialTrainer(RobustModel):
       beta: TRADES' robustness weight (6.0 in the paper).
       eval_attack: attack used by `test_step`; defaults to `attack` with CE.
 
-    Metrics: loss, its terms (ce_adv; or ce and kl_adv; or ce), clean_accuracy,
-    adv_accuracy (not for "natural"); test_step reports clean_accuracy and
-    pgd_accuracy.
+    Metrics: loss, its terms (ce_adv; or ce and kl_adv; or ce), clean_accuracy
+    (from the training-mode logits the loss used when the method has a clean
+    term, trades and natural, as Keras' own "accuracy" is; else an inference
+    pass), adv_accuracy (not for "natural"); test_step reports clean_accuracy
+    and pgd_accuracy.
     """
 
     TERMS = {"pgd_at": ["ce_adv"], "trades": ["ce", "kl_adv"], "natural": ["ce"]}

@@ -24,6 +24,9 @@ this module touches a private Keras name.
    leads to, properties included. A property that returns an object kept out of
    tracking (the distiller's frozen teacher) would still be written into every
    backup; leaving the name out of `dir()` keeps it out.
+4. `all_layers(model)` (private `Layer._flatten_layers`). Keras 3.15 has no
+   public way to list every layer nested in a model, sublayers of custom
+   layers included (`model.layers` is one level).
 """
 
 import keras
@@ -73,3 +76,9 @@ class UnsavedAttributesMixin:
 
     def __dir__(self):
         return [name for name in super().__dir__() if name not in self.UNSAVED]
+
+
+def all_layers(model):
+    """Every layer inside `model` (not `model` itself), nested models' and custom
+    layers' sublayers included (work-around 4 in the module docstring)."""
+    return model._flatten_layers(include_self=False, recursive=True)

@@ -38,11 +38,17 @@ def check_attack(attack, name="attack"):
 
 
 def check_logits_model(model, role):
-    """Raises ValueError unless `model` is a keras.Model whose output is logits."""
+    """Raises ValueError unless `model` is a built keras.Model whose output is
+    logits."""
     if not isinstance(model, keras.Model):
         raise ValueError(f"the {role} must be a keras.Model, got {type(model).__name__}"
                          + (" (load it first: keras.models.load_model(path))"
                             if isinstance(model, str) else ""))
+    if not model.built or not model.weights:
+        # Its variables must exist before compile builds the optimizer on them.
+        raise ValueError(f"the {role} {model.name!r} is not built (it has no weights yet): "
+                         "give it an input shape (keras.Input, or input_shape=) or call it "
+                         "on a batch before passing it")
     last = model.layers[-1] if model.layers else None
     activation = getattr(last, "activation", None)
     if isinstance(last, keras.layers.Softmax) or getattr(activation, "__name__", "") == "softmax":
@@ -170,9 +176,14 @@ class RobustModel(FitBuildMixin, keras.Model):
             "rate, or check the inputs are finite pixels in [0, 1])")
         local = tf.shape(per_example)[0]
         context = tf.distribute.get_replica_context()
-        global_size = local if context is None or context.num_replicas_in_sync == 1 \
-            else context.all_reduce(tf.distribute.ReduceOp.SUM, local)
-        return tf.nn.compute_average_loss(per_example, global_batch_size=global_size)
+        if context is None or context.num_replicas_in_sync == 1:
+            return tf.nn.compute_average_loss(per_example, global_batch_size=local)
+        # Summed as float32 (exact for any batch size, and a dtype every
+        # collective implementation, NCCL on GPUs included, reduces).
+        global_size = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                         tf.cast(local, tf.float32))
+        return tf.nn.compute_average_loss(per_example,
+                                          global_batch_size=tf.cast(global_size, tf.int32))
 
     def _apply(self, tape, scaled_loss):
         variables = self.trainable_variables

@@ -39,6 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ardir_tf import keras_compat
 from export import parity
 
 CARD = "model_card.json"
@@ -70,20 +71,12 @@ def _float32_config(config):
     return out
 
 
-def all_layers(model):
-    """Every layer of `model`, nested models' layers included (depth first)."""
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from all_layers(layer)
-
-
 def float32_copy(model):
     """A copy of `model` (same weights) computing in float32, whose Normalization
     constants are numpy arrays (graph constants when traced; see the module doc)."""
     copy = model.__class__.from_config(_float32_config(model.get_config()))
     copy.set_weights(model.get_weights())
-    for layer in all_layers(copy):
+    for layer in keras_compat.all_layers(copy):
         if isinstance(layer, keras.layers.Normalization):
             layer.mean = np.asarray(layer.mean, np.float32)
             layer.variance = np.asarray(layer.variance, np.float32)
@@ -109,7 +102,7 @@ def serving_model(model):
 def compute_dtypes(model):
     """The policy `model` was trained under: "float32", or the mixed policies of its
     layers (e.g. "mixed_float16"; its float32 logits layer aside)."""
-    names = {l.dtype_policy.name for l in all_layers(model)}
+    names = {l.dtype_policy.name for l in keras_compat.all_layers(model)}
     return "+".join(sorted(names - {"float32"})) or "float32"
 
 

@@ -115,6 +115,13 @@ def test_natural_training_is_plain_keras_training():
     assert h["loss"][-1] < h["loss"][0]
 
 
+def test_an_unbuilt_model_is_refused_with_how_to_build_it():
+    unbuilt = keras.Sequential([keras.layers.Conv2D(4, 3), keras.layers.Flatten(),
+                                keras.layers.Dense(10)])
+    with pytest.raises(ValueError, match="is not built.*keras.Input"):
+        ardir_tf.AdversarialTrainer(unbuilt, attack=ATTACK)
+
+
 def test_attack_is_a_required_keyword():
     model = ardir_tf.models.build("small_cnn", (8, 8, 1), 10, width=4)
     with pytest.raises(TypeError, match="attack"):

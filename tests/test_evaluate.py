@@ -223,6 +223,24 @@ def test_evaluate_leaves_the_callers_random_state_and_logger_alone(trained, digi
     assert again["robust_accuracy"] == first["robust_accuracy"]
 
 
+def test_a_seed_repeats_the_random_attacks_and_another_seed_does_not():
+    """Per example: an 'attack' that adds uniform noise to 10 logits (the model
+    is the identity), so which examples stay right is the noise itself."""
+    identity = keras.Sequential([keras.Input((10,))])
+    x, y = np.zeros((400, 10), np.float32), np.zeros(400, np.int64)
+
+    def noise(model_fn, xb, yb):
+        return xb + tf.random.uniform(tf.shape(xb))
+
+    def right(seed):
+        return evaluate._Runner(identity, (10,), 256, seed).right("noise", noise, x, y)
+
+    first = right(5)
+    assert 0.02 < first.mean() < 0.3  # about 1 in 10 stays right
+    np.testing.assert_array_equal(right(5), first)
+    assert not np.array_equal(right(6), first)
+
+
 def test_plot_leaves_matplotlibs_backend_alone(natural_report, tmp_path):
     import matplotlib
     previous = matplotlib.get_backend()

@@ -25,6 +25,7 @@ def test_the_private_keras_methods_they_override_still_exist():
     # (called): renamed upstream, the override would silently stop applying.
     assert hasattr(keras.Model, "_maybe_symbolic_build")
     assert hasattr(keras.Model, "_symbolic_build")
+    assert hasattr(keras.layers.Layer, "_flatten_layers")
     assert keras_compat.FitBuildMixin._maybe_symbolic_build.__name__ == "_maybe_symbolic_build"
 
 

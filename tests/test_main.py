@@ -24,14 +24,19 @@ MOCKED = ("import runpy, sys, tensorflow_datasets as tfds\n"
           f"    runpy.run_path({MAIN!r}, run_name='__main__')\n")
 
 
-# Runs main.py counting the models it builds: "BUILDS [(arch, width), ...]" at exit.
-COUNTED = ("import atexit, runpy, sys\n"
+# Runs main.py counting the models it builds and loads: "BUILDS [(arch, width) or
+# ('load', file name), ...]" at exit.
+COUNTED = ("import atexit, os, runpy, sys\n"
+           "import keras\n"
            "from ardir_tf import models\n"
-           "built, build = [], models.build\n"
+           "built, build, load = [], models.build, keras.models.load_model\n"
            "def counted(name, *args, **kwargs):\n"
            "    built.append((name, kwargs.get('width')))\n"
            "    return build(name, *args, **kwargs)\n"
-           "models.build = counted\n"
+           "def loaded(path, *args, **kwargs):\n"
+           "    built.append(('load', os.path.basename(str(path))))\n"
+           "    return load(path, *args, **kwargs)\n"
+           "models.build, keras.models.load_model = counted, loaded\n"
            "atexit.register(lambda: print('BUILDS', built, flush=True))\n"
            f"runpy.run_path({MAIN!r}, run_name='__main__')\n")
 
@@ -159,6 +164,26 @@ def test_evaluate_and_export_modes(digits_run, tmp_path):
     np.testing.assert_allclose(exported(x), original(x), atol=1e-6)
 
 
+def test_overwrite_trains_a_new_teacher_never_the_old_runs(digits_run, tmp_path):
+    """--overwrite with another teacher width: validation must not pick up the old
+    run's teacher.keras (which the claim then deletes); the new run trains and
+    distils its own teacher."""
+    import keras
+    for name in ("flags.json", "metrics.json", "teacher.keras"):
+        (tmp_path / name).write_bytes((digits_run[0] / name).read_bytes())
+    old = keras.models.load_model(tmp_path / "teacher.keras").count_params()
+    proc = ok(run(f"--workdir={tmp_path}", "--overwrite", "--teacher_width=6",
+                  "--natural_epochs=0", count_builds=True))
+    assert "[teacher] training for 1 epochs" in proc.stdout
+    # The student, then the new teacher: the old run's teacher.keras is never read.
+    built = proc.stdout.strip().splitlines()[-1]
+    assert built == "BUILDS [('small_cnn', 4), ('small_cnn', 6)]", built
+    new = keras.models.load_model(tmp_path / "teacher.keras")
+    assert new.count_params() != old
+    assert new.get_layer("s1_conv1").kernel.shape[-1] == 6
+    assert set(metrics(tmp_path)) == {"teacher", "student"}
+
+
 def test_distill_with_a_given_teacher_and_rslad(digits_run, tmp_path):
     workdir, _ = digits_run
     proc = ok(run(f"--teacher={workdir / 'teacher.keras'}", "--method=rslad",
@@ -243,7 +268,8 @@ def test_same_seed_same_metrics(digits_run, tmp_path, tmp_path_factory):
 def test_another_runs_files_are_never_overwritten_silently(bad_runs):
     proc, _ = bad_runs["another_run"]
     assert "holds another run" in proc.stderr and "--eps was 0.15, now 0.1" in proc.stderr
-    assert (proc.workdir / "metrics.json").read_text() == proc.metrics_before
+    before, after = proc.metrics
+    assert after == before
     proc, _ = bad_runs["not_a_run"]
     assert proc.returncode != 0 and "holds no run of ours" in proc.stderr
     assert (proc.workdir / "thesis.tex").read_text() == "mine"
@@ -313,14 +339,17 @@ def bad_runs(tmp_path_factory, digits_run):
                 for name, (args, _) in cases.items()}
     argvs = {name: [SMOKE, *args, f"--workdir={workdirs[name]}"]
              for name, (args, _) in cases.items()}
-    metrics_before = (run_dir / "metrics.json").read_text()
+    before = (run_dir / "metrics.json").read_text()
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "startup_harness.py")],
                           input=json.dumps(argvs), cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # What the run's metrics were and are around the harness (other tests of the
+    # module evaluate into the same workdir later).
+    metrics = (before, (run_dir / "metrics.json").read_text())
     results = json.loads(proc.stdout)
     return {name: (types.SimpleNamespace(**results[name], workdir=workdirs[name],
-                                         metrics_before=metrics_before), cases[name][1])
+                                         metrics=metrics), cases[name][1])
             for name in cases}
 
 
