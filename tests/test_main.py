@@ -279,6 +279,8 @@ BAD = {
     "eps": (["--eps=-0.1"], "--eps: must be >= 0"),
     "eps_text": (["--eps=abc"], "expected a number such as 0.03 or 8/255"),
     "steps": (["--steps=0"], "--steps: must be >= 1"),
+    "sanity_examples": (["--sanity_examples=-1"], "--sanity_examples: must be >= 0"),
+    "strategy": (["--strategy=tpu"], "value should be one of"),
     "dataset": (["--dataset=imagenet"], "--dataset: must be one of digits"),
     "npz_missing_file": (["--dataset=npz:/no/such.npz"], "--dataset: must be one of"),
     "arch": (["--student_arch=vgg"], "value should be one of"),
