@@ -1,0 +1,190 @@
+"""Times the distiller's training step as users run it (`fit`), and prints its speed.
+
+    python tests/benchmarks/step_speed.py --arch small_cnn --input digits8 --method ard
+    python tests/benchmarks/step_speed.py --arch resnet18 --input cifar32 --method ardir \\
+        --steps_timed 3 --warmup 1
+
+Random data (it measures time only): a teacher and a student of `--arch`, the
+ARD or ARDIR step with PGD-`--pgd_steps` at `--batch`, SGD with momentum, through
+`ARDIRDistiller.fit`, one step per call. Prints images/s, the step time (median,
+p10, p90 over the timed steps), the FLOPs of a step, the GFLOP/s that makes and
+its share of `--ceiling_gflops`, the set-up (TensorFlow version, oneDNN kernels,
+XLA, threads), and how much CPU other processes used while it timed (above ~0.2
+cores the numbers are not valid: time on an idle machine). Asserts nothing.
+
+FLOPs count 2 per multiply-add of the convolutions and dense layers (BatchNorm,
+activations, pooling left out): a PGD step is a forward pass and a backward pass
+to the input (2 forward-equivalents); the update is a forward pass and a full
+backward pass (3) on x' and, with the clean CE term (alpha < 1), again on x; the
+teacher runs one forward pass on x.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+INPUTS = {"digits8": (8, 8, 1), "cifar32": (32, 32, 3)}
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=["small_cnn", "resnet18"], default="small_cnn")
+    p.add_argument("--width", type=int, default=None,
+                   help="student width (default: 32 for small_cnn, 64 for resnet18)")
+    p.add_argument("--teacher_width", type=int, default=None, help="default: --width")
+    p.add_argument("--input", choices=list(INPUTS), default="digits8")
+    p.add_argument("--method", choices=["ard", "ardir"], default="ard")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--pgd_steps", type=int, default=10)
+    p.add_argument("--alpha", type=float, default=0.9)
+    p.add_argument("--steps_timed", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3, help="steps run before timing")
+    p.add_argument("--threads", type=int, default=0,
+                   help="TensorFlow intra- and inter-op threads (0: its default)")
+    p.add_argument("--jit", action="store_true", help="compile the step with XLA")
+    p.add_argument("--ceiling_gflops", type=float, default=210.0,
+                   help="the machine's float32 arithmetic ceiling, GFLOP/s")
+    return p.parse_args()
+
+
+def forward_flops(model):
+    """FLOPs of one forward pass of one image: convolutions and dense layers."""
+    import keras
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            total += forward_flops(layer)
+        elif isinstance(layer, keras.layers.DepthwiseConv2D):
+            kh, kw = layer.kernel_size
+            total += 2 * _size(layer.output.shape) * kh * kw
+        elif isinstance(layer, keras.layers.Conv2D):
+            kh, kw = layer.kernel_size
+            total += 2 * _size(layer.output.shape) * kh * kw * layer.input.shape[-1]
+        elif isinstance(layer, keras.layers.Dense):
+            total += 2 * layer.input.shape[-1] * layer.units
+    return total
+
+
+def _size(shape):
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    return n
+
+
+def step_flops(student, teacher, pgd_steps, alpha, batch):
+    update = 6 if alpha < 1 else 4  # without the clean term: 3 + an inference pass
+    return batch * (forward_flops(student) * (2 * pgd_steps + update) + forward_flops(teacher))
+
+
+def cpu_snapshot():
+    """(wall seconds, system-wide busy CPU seconds, this process's CPU seconds)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return time.perf_counter(), busy, t.user + t.system
+
+
+def onednn_state():
+    """Whether TensorFlow runs its oneDNN kernels here, and why."""
+    flag = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    if flag is not None:
+        return f"{'on' if flag not in ('0', 'false', 'False') else 'off'} (TF_ENABLE_ONEDNN_OPTS={flag})"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        flags = ""
+    # TF 2.21 turns them on by default on x86 CPUs with AVX512-VNNI or AMX.
+    on = "avx512_vnni" in flags or "amx" in flags
+    return f"{'on' if on else 'off'} (TensorFlow's default for this CPU)"
+
+
+def main():
+    args = parse()
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    import ardir_tf
+
+    shape = INPUTS[args.input]
+    width = args.width or (32 if args.arch == "small_cnn" else 64)
+    teacher_width = args.teacher_width or width
+    keras.utils.set_random_seed(0)
+    teacher = ardir_tf.models.build(args.arch, shape, 10, width=teacher_width)
+    student = ardir_tf.models.build(args.arch, shape, 10, width=width)
+    stages = ardir_tf.models.stage_names(student)
+    layers = [ardir_tf.LayerPair(s, s) for s in stages] if args.method == "ardir" else []
+    eps = 8 / 255
+    distiller = ardir_tf.ARDIRDistiller(
+        teacher=teacher, student=student, layers=layers, method=args.method,
+        alpha=args.alpha, attack=ardir_tf.attacks.PGD(eps=eps, step_size=eps / 4,
+                                                       steps=args.pgd_steps))
+    distiller.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), jit_compile=args.jit)
+    rng = np.random.default_rng(0)
+    x = rng.random((args.batch, *shape), dtype=np.float32)
+    y = rng.integers(0, 10, args.batch).astype(np.int32)
+    data = tf.data.Dataset.from_tensors((x, y)).repeat()
+
+    times, marks = [], {}
+
+    class Clock(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == args.warmup:
+                marks["start"] = cpu_snapshot()
+            self.t = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            if batch >= args.warmup:
+                float(logs["loss"])  # the step is done when its loss is read
+                times.append(time.perf_counter() - self.t)
+            if batch == args.warmup + args.steps_timed - 1:
+                marks["end"] = cpu_snapshot()
+
+    distiller.fit(data, epochs=1, steps_per_epoch=args.warmup + args.steps_timed,
+                  callbacks=[Clock()], shuffle=False, verbose=0)
+    (w0, busy0, own0), (w1, busy1, own1) = marks["start"], marks["end"]
+    wall = w1 - w0
+    median = statistics.median(times)
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else [median] * 9
+    flops = step_flops(student, teacher, args.pgd_steps, args.alpha, args.batch)
+    gflops = flops / median / 1e9
+    result = {
+        "arch": args.arch, "input": args.input, "method": args.method, "batch": args.batch,
+        "pgd_steps": args.pgd_steps, "student_params": student.count_params(),
+        "teacher_params": teacher.count_params(), "images_per_s": round(args.batch / median, 2),
+        "median_step_s": round(median, 4), "p10_step_s": round(q[0], 4),
+        "p90_step_s": round(q[-1], 4), "steps_timed": len(times),
+        "step_gflop": round(flops / 1e9, 3), "gflops_achieved": round(gflops, 1),
+        "share_of_ceiling": round(gflops / args.ceiling_gflops, 3),
+        "ceiling_gflops": args.ceiling_gflops,
+        "own_cpu_cores": round((own1 - own0) / wall, 2),
+        "foreign_cpu_cores": round(max(0.0, (busy1 - busy0) - (own1 - own0)) / wall, 2),
+        "tensorflow": tf.__version__, "keras": keras.__version__, "onednn": onednn_state(),
+        "xla": bool(args.jit), "threads": args.threads or "default",
+        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    }
+    print(f"{args.arch} {args.input} {args.method}, batch {args.batch}, PGD-{args.pgd_steps}: "
+          f"{result['images_per_s']} img/s, step {median * 1e3:.1f} ms (p10 {q[0] * 1e3:.1f}, "
+          f"p90 {q[-1] * 1e3:.1f}), {result['step_gflop']} GFLOP/step, {gflops:.1f} GFLOP/s = "
+          f"{result['share_of_ceiling']:.0%} of {args.ceiling_gflops:g}; oneDNN "
+          f"{result['onednn']}, XLA {'on' if args.jit else 'off'}; other processes used "
+          f"{result['foreign_cpu_cores']} cores")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
