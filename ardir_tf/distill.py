@@ -215,8 +215,8 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
             raise ValueError(f"teacher and student must have the same classes; teacher "
                              f"logits have shape {t_out}, student {s_out}")
         self.adapters = []
-        for i, (s, t) in enumerate((p.student, p.teacher) for p in
-                                   (self.pairs if self.ir_weight > 0 else ())):
+        for i, pair in enumerate(self.pairs if self.ir_weight > 0 else ()):
+            s, t = pair.student, pair.teacher
             s_shape = _feature_shape(self._views.student, s)
             t_shape = _feature_shape(self._views.teacher, t)
             if s_shape == t_shape:

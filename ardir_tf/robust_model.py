@@ -122,10 +122,9 @@ class RobustModel(FitBuildMixin, keras.Model):
         if given:
             raise ValueError(
                 f"{type(self).__name__}.compile takes an optimizer, not "
-                f"{', '.join(n + '=' for n in given)}: the loss is the method's own "
-                f"(the terms {', '.join(self._train_trackers)} are reported by name), "
-                "and fit/evaluate already report clean_accuracy and adv_accuracy "
-                "(pgd_accuracy in validation). Compute other metrics on "
+                f"{', '.join(n + '=' for n in given)}: the loss is the method's own, and "
+                f"fit already reports {', '.join(self._train_trackers)} (evaluate and "
+                "validation: clean_accuracy, pgd_accuracy). Compute other metrics on "
                 f"`{type(self).__name__}.network` after training")
         super().compile(optimizer=optimizer, **kwargs)
         with self.distribute_strategy.scope():
