@@ -12,14 +12,33 @@ Reads as the run goes: strategy -> data -> models -> trainer -> fit -> evaluate
 
 import functools
 import os
+import platform
 import sys
 import tempfile
 
-# TensorFlow's C++ start-up lines (CUDA probing on a CPU machine, oneDNN notes)
-# are noise on a command line. TF 2.21 prints some before its log settings
-# apply, so the import runs with the C-level stderr pointed at /dev/null;
-# Python exceptions still surface. TF_CPP_MIN_LOG_LEVEL=0 shows everything.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+def default_environment(environ, machine):
+    """The TensorFlow settings a command-line run gets unless the user set them
+    (they must be in the environment before TensorFlow is imported).
+
+    - TF_CPP_MIN_LOG_LEVEL=3: TensorFlow's C++ start-up lines (CUDA probing on a
+      CPU machine, oneDNN notes) are noise on a command line. TF 2.21 prints
+      some before its log settings apply, so the import also runs with the
+      C-level stderr pointed at /dev/null; Python exceptions still surface.
+      TF_CPP_MIN_LOG_LEVEL=0 shows everything.
+    - TF_ENABLE_ONEDNN_OPTS=1 on x86-64: TF 2.21 turns its oneDNN CPU kernels on
+      by default only on CPUs with AVX512-VNNI or AMX. Measured (README,
+      "Training-step speed"): with them the small digits step is 1.65x faster
+      on an AVX512 EPYC, and on an AVX2-only EPYC the ResNet-18 ARDIR step
+      1.9x faster (69.6 s -> 36.8 s) and the small step 1.1x. A user's own
+      setting (0 included) is kept. The library itself never sets it.
+    """
+    environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if machine.lower() in ("x86_64", "amd64"):
+        environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
+default_environment(os.environ, platform.machine())
 
 
 def _import_tensorflow_quietly():

@@ -31,10 +31,10 @@ class AdversarialTrainer(RobustModel):
       eval_attack: attack used by `test_step`; defaults to `attack` with CE.
 
     Metrics: loss, its terms (ce_adv; or ce and kl_adv; or ce), clean_accuracy
-    (from the training-mode logits the loss used when the method has a clean
-    term, trades and natural, as Keras' own "accuracy" is; else an inference
-    pass), adv_accuracy (not for "natural"); test_step reports clean_accuracy
-    and pgd_accuracy.
+    (trades and natural: from the training-mode logits the loss used, as
+    Keras' own "accuracy" is; pgd_at has no clean pass, so no training
+    clean_accuracy), adv_accuracy (not for "natural"); test_step reports
+    clean_accuracy and pgd_accuracy.
     """
 
     TERMS = {"pgd_at": ["ce_adv"], "trades": ["ce", "kl_adv"], "natural": ["ce"]}
@@ -52,7 +52,8 @@ class AdversarialTrainer(RobustModel):
                              "reference distribution: use loss='ce' or 'cw', or method='trades'")
         losses.check_weight("beta", beta)
         super().__init__(model, attack, eval_attack, train_metrics=self.TERMS[method],
-                         adversarial=method != "natural", name=name, **kwargs)
+                         adversarial=method != "natural",
+                         clean_accuracy=method != "pgd_at", name=name, **kwargs)
         self.model = model
         self.method, self.beta = method, float(beta)
 
@@ -91,6 +92,4 @@ class AdversarialTrainer(RobustModel):
                 terms = losses.trades(y, logits_clean, logits_adv, self.beta)
             scaled = self.optimizer.scale_loss(self._reduce(terms["loss"]))
         self._apply(tape, scaled)
-        if logits_clean is None:
-            logits_clean = self._inference(x)
         return self._report(y, terms, logits_clean, logits_adv)

@@ -429,11 +429,21 @@ def apgd(model_fn, x, y, *, eps, steps=100, norm="linf", loss="ce", targets=None
 
 
 def apgd_targeted(model_fn, x, y, *, eps, steps=100, norm="linf", n_targets=9,
-                  clip=(0.0, 1.0), restarts=1):
+                  clip=(0.0, 1.0), restarts=1, targets_per_run=None):
     """APGD-T: targeted APGD-DLR towards each of the `n_targets` classes the
     model ranks highest on x after the true one (capped at the number of other
     classes); per example, the first target that fools the model wins (else the
-    last attempt). Costs n_targets * restarts APGD runs."""
+    last attempt). Costs n_targets * restarts APGD runs.
+
+    `targets_per_run` attempts run as one APGD loop on the batch tiled that many
+    times (default: all of them): the same arithmetic in one loop to trace
+    and fewer, larger operations (APGD-T on the 360 test digits of the default
+    run's student: 18-19 s one target at a time, 7.7-8.3 s all nine at once,
+    tracing included), at that many times the memory of one attempt.
+    `evaluate` picks it from the model's size. Each example of the tiled batch
+    is attacked independently, so grouping changes only which random start
+    each attempt draws.
+    """
     _check(eps, 1.0, steps, norm, "dlr", clip)
     _check_restarts(restarts)
     x = tf.cast(tf.convert_to_tensor(x), tf.float32)
@@ -448,10 +458,25 @@ def apgd_targeted(model_fn, x, y, *, eps, steps=100, norm="linf", n_targets=9,
     # Drop the true class from the ranking, keep the order of the others.
     others = tf.reshape(tf.boolean_mask(ranked, tf.not_equal(ranked, y[:, None])),
                         [-1, n_classes - 1])
-    runs = [functools.partial(apgd, model_fn, x, y, eps=eps, steps=steps, norm=norm,
-                              loss="dlr", targets=others[:, i], clip=clip)
-            for i in range(n_targets) for _ in range(restarts)]
-    return _first_success(model_fn, y, runs)
+    attempts = [i for i in range(n_targets) for _ in range(restarts)]
+    if targets_per_run is None:
+        per_run = len(attempts)
+    elif isinstance(targets_per_run, bool) or not isinstance(targets_per_run, numbers.Integral) \
+            or targets_per_run < 1:
+        raise ValueError(f"targets_per_run must be an integer >= 1 or None, got "
+                         f"{targets_per_run!r}")
+    else:
+        per_run = int(targets_per_run)
+    tile = [1] * x.shape.rank
+    candidates = []
+    for start in range(0, len(attempts), per_run):
+        group = attempts[start: start + per_run]
+        k = len(group)
+        out = apgd(model_fn, tf.tile(x, [k] + tile[1:]), tf.tile(y, [k]), eps=eps,
+                   steps=steps, norm=norm, loss="dlr", clip=clip,
+                   targets=tf.concat([others[:, i] for i in group], 0))
+        candidates.extend(tf.split(out, k, axis=0) if k > 1 else [out])
+    return _first_success(model_fn, y, [lambda c=c: c for c in candidates])
 
 
 def _square_p(p_init, i, queries):

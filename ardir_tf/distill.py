@@ -135,8 +135,9 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
       eval_attack: attack used by `test_step`; defaults to `attack` with CE.
 
     Metrics: loss, each loss term by name (kd, ce, ir, kd_clean), clean_accuracy
-    (training-mode logits when the loss has a clean term, else an inference
-    pass) and adv_accuracy (on the training adversarial batch); test_step
+    (the training-mode logits of the loss's clean term; none when alpha = 1
+    without RSLAD, which has no clean pass) and adv_accuracy (on the training
+    adversarial batch); test_step
     reports clean_accuracy and pgd_accuracy. There is no validation loss: give
     callbacks monitor="val_pgd_accuracy" (mode="max").
 
@@ -189,7 +190,7 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
             raise ValueError("attack_objective='ardir' needs method='ardir'")
         super().__init__(student, attack, eval_attack,
                          train_metrics=self._term_names(method, alpha, ir_weight),
-                         name=name, **kwargs)
+                         clean_accuracy=method == "rslad" or alpha < 1, name=name, **kwargs)
         self.student = student
         # The teacher is kept out of Keras' tracking: the distiller's weights
         # (what save_weights and the run's backups write) and its trainable
@@ -314,6 +315,4 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
             terms = self._loss_terms(y, s_clean, s_adv, teacher_out)
             scaled = self.optimizer.scale_loss(self._reduce(terms["loss"]))
         self._apply(tape, scaled)
-        if s_clean is None:
-            s_clean = self._inference(x)
         return self._report(y, terms, s_clean, s_adv["logits"])

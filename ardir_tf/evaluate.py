@@ -169,6 +169,46 @@ class _Runner:
                          np.asarray(step_size, np.float32))
 
 
+# APGD-T runs its targets together while the tiled batch's activations stay
+# under this (an estimate: the float32 outputs of the model's layers).
+TARGETS_MEMORY_BYTES = 1 << 30
+
+
+def _activation_bytes(model):
+    """Bytes of the float32 outputs of `model`'s layers for one example (nested
+    models counted layer by layer), or None when it cannot tell."""
+    total = 0
+    try:
+        for layer in model.layers:
+            if isinstance(layer, keras.Model):
+                inner = _activation_bytes(layer)
+                if inner is None:
+                    return None
+                total += inner
+                continue
+            for out in tf.nest.flatten(layer.output):
+                total += 4 * int(np.prod(out.shape[1:]))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return total
+
+
+def _batch_targets(attack, model, batch_size):
+    """APGD-T with its `targets_per_run` set for this model and batch size, when
+    the caller left it unset: as many targets at once as fit the memory
+    budget (1 when the model's size is unknown: one target at a time)."""
+    settings = attack.settings
+    if settings.get("attack") != "apgd_targeted" or "targets_per_run" in settings:
+        return attack
+    attempts = settings.get("n_targets", 9) * settings.get("restarts", 1)
+    per_example = _activation_bytes(model) if isinstance(model, keras.Model) else None
+    fit = 1 if not per_example else TARGETS_MEMORY_BYTES // (per_example * batch_size)
+    per_run = max(1, min(attempts, fit))
+    # Even groups: 9 attempts in two runs are 5 + 4, not 8 + 1.
+    per_run = -(-attempts // -(-attempts // per_run))
+    return dataclasses.replace(attack, run=functools.partial(attack.run, targets_per_run=per_run))
+
+
 def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, *,
              sequential=False, seed=0, batch_size=256, sanity_examples=500,
              verbose=1):
@@ -200,6 +240,7 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
         attacks = suite(attacks, eps, norm)
     attacks = {name: a if isinstance(a, Attack) else Attack(a, {"attack": repr(a)})
                for name, a in attacks.items()}
+    attacks = {name: _batch_targets(a, model, batch_size) for name, a in attacks.items()}
     start = time.perf_counter()
     x, y = collect(dataset, n_examples)
     runner = _Runner(model, x.shape[1:], batch_size, seed)

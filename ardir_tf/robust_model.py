@@ -16,7 +16,9 @@ them the pieces whose correctness does not depend on the method:
 - the loss is scaled for mixed precision inside the tape (`optimizer.scale_loss`);
 - a NaN or Inf loss stops training with an error instead of training on;
 - metrics are `keras.metrics.Mean` trackers fed per-example values, so they
-  report the mean over the global batch whatever the number of replicas;
+  report the mean over the global batch whatever the number of replicas; a
+  step that has no clean logits of its own does not report clean accuracy
+  (one forward pass in 30 or so, spent on a number validation gives anyway);
 - `test_step` reports clean accuracy and accuracy under the evaluation attack.
 """
 
@@ -74,16 +76,20 @@ class RobustModel(FitBuildMixin, keras.Model):
         besides "loss", "clean_accuracy" and "adv_accuracy".
       adversarial: False for a model trained on clean inputs only (no
         "adv_accuracy"; `attack` is then only the threat model of validation).
+      clean_accuracy: False when `train_step` does not run the network on the
+        clean batch (PGD-AT; ARD with alpha = 1): "clean_accuracy" is then not
+        a training metric, rather than costing a forward pass per step
+        (validation and `evaluate` still report it).
     """
 
     def __init__(self, network, attack, eval_attack=None, train_metrics=(),
-                 adversarial=True, **kwargs):
+                 adversarial=True, clean_accuracy=True, **kwargs):
         super().__init__(**kwargs)
         self.attack = check_attack(attack)
         self.eval_attack = check_attack(
             eval_attack if eval_attack is not None else attack.replace(loss="ce"),
             "eval_attack")
-        names = ["loss", *train_metrics, "clean_accuracy"] + (
+        names = ["loss", *train_metrics] + (["clean_accuracy"] if clean_accuracy else []) + (
             ["adv_accuracy"] if adversarial else [])
         self._train_trackers = {n: keras.metrics.Mean(name=n) for n in names}
         # Distinct metric names for the test side, but reported under the
@@ -192,7 +198,8 @@ class RobustModel(FitBuildMixin, keras.Model):
     def _report(self, y, terms, logits_clean, logits_adv=None):
         for name, values in terms.items():
             self._train_trackers[name].update_state(values)
-        self._train_trackers["clean_accuracy"].update_state(accuracy(y, logits_clean))
+        if logits_clean is not None:
+            self._train_trackers["clean_accuracy"].update_state(accuracy(y, logits_clean))
         if logits_adv is not None:
             self._train_trackers["adv_accuracy"].update_state(accuracy(y, logits_adv))
         return self._logs(self._train_trackers)

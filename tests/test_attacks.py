@@ -319,3 +319,60 @@ def test_square_is_one_compiled_loop(tiny, norm):
         return len(g.node) + sum(len(f.node_def) for f in g.library.function)
 
     assert size(100) == size(5000)
+
+
+@pytest.mark.parametrize("targets_per_run", [1, 2, 4, None])
+def test_apgd_targeted_routes_each_target_to_its_example(monkeypatch, targets_per_run):
+    """However the attempts are grouped into tiled runs, example i is attacked
+    towards its own j-th ranked class, and the first attempt that fools the
+    model wins. A stand-in APGD "reaches" only even target classes, writing the
+    target into pixel 0; the model reads it back as its prediction."""
+    n = 6
+    rank_base = tf.constant(np.arange(n) * 3 % 10, tf.float32)  # example i's top class
+
+    def model_fn(z):
+        moved = tf.cast(tf.round(z[:, 0, 0, 0] * 100), tf.int32) - 1
+        base = tf.cast(tf.round(z[:, 0, 0, 1] * 10), tf.int32)
+        ranked = -tf.cast(tf.math.floormod(tf.range(10)[None] - base[:, None], 10), tf.float32)
+        return tf.where((moved >= 0)[:, None], tf.one_hot(tf.maximum(moved, 0), 10), ranked)
+
+    calls = []
+
+    def fake_apgd(fn, x, y, *, targets, **settings):
+        calls.append(int(x.shape[0]) // n)
+        reach = tf.equal(targets % 2, 0)
+        marked = tf.concat([tf.cast(targets + 1, tf.float32)[:, None] / 100, x[:, 0, 0, 1:]], -1)
+        return tf.where(reach[:, None, None, None], tf.reshape(marked, x.shape), x)
+
+    monkeypatch.setattr(attacks, "apgd", fake_apgd)
+    x = tf.stack([tf.zeros(n), rank_base / 10], -1)[:, None, None, :]
+    y = tf.cast(rank_base, tf.int32)
+    x_adv = attacks.apgd_targeted(model_fn, x, y, eps=1.0, n_targets=4,
+                                  targets_per_run=targets_per_run)
+    # Example i's j-th target is (top + 1 + j) mod 10: the first even one wins.
+    top = np.arange(n) * 3 % 10
+    expected = [next(t for t in ((b + 1 + j) % 10 for j in range(4)) if t % 2 == 0)
+                for b in top]
+    np.testing.assert_array_equal(tf.argmax(model_fn(x_adv), -1).numpy(), expected)
+    per_run = 4 if targets_per_run is None else targets_per_run
+    assert calls == [min(per_run, 4 - i) for i in range(0, 4, per_run)]
+
+
+def test_evaluate_runs_apgd_t_targets_together_within_the_memory_budget():
+    from ardir_tf import evaluate
+    small = models.build("small_cnn", (8, 8, 1), 10, width=16)
+    large = models.build("resnet18", (32, 32, 3), 10)
+    apgd_t = evaluate.standard(0.1)["apgd_t"]
+
+    def per_run(model, batch):
+        return evaluate._batch_targets(apgd_t, model, batch).run.keywords["targets_per_run"]
+
+    # small_cnn(16): 38.6 kB of activations an example; ResNet-18 8.2 MB.
+    assert per_run(small, 256) == 9
+    assert per_run(large, 256) == 1
+    assert per_run(large, 64) == 2  # 1 GiB holds 2 x 64; groups of 2
+    assert evaluate._batch_targets(apgd_t, lambda z: z, 256).run.keywords[
+        "targets_per_run"] == 1  # size unknown: one target at a time
+    with pytest.raises(ValueError, match="targets_per_run must be an integer >= 1"):
+        attacks.apgd_targeted(lambda z: tf.zeros([2, 10]), tf.zeros([2, 8, 8, 1]),
+                              tf.zeros([2], tf.int32), eps=0.1, targets_per_run=0)

@@ -210,6 +210,8 @@ def test_rslad_and_ard_methods_report_their_terms():
     assert {"kd", "kd_clean"} <= set(h.history)
     h = distiller(method="ard", layers=[], alpha=1.0).fit(dataset(64), epochs=1, verbose=0)
     assert "ce" not in h.history and "kd" in h.history
+    # alpha = 1 has no clean pass: no forward pass per step for the metric.
+    assert "clean_accuracy" not in h.history and "adv_accuracy" in h.history
 
 
 def test_evaluate_reports_clean_and_pgd_accuracy(trained, digits):
