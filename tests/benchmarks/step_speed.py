@@ -51,6 +51,9 @@ def parse():
     p.add_argument("--jit", action="store_true", help="compile the step with XLA")
     p.add_argument("--ceiling_gflops", type=float, default=210.0,
                    help="the machine's float32 arithmetic ceiling, GFLOP/s")
+    p.add_argument("--measure_ceiling", action="store_true",
+                   help="measure the ceiling here first (the best of a 2048 matmul and "
+                        "ResNet-18's 3x3 convolutions at batch 128) and use it")
     return p.parse_args()
 
 
@@ -82,6 +85,29 @@ def _size(shape):
 def step_flops(student, teacher, pgd_steps, alpha, batch):
     update = 6 if alpha < 1 else 4  # without the clean term: 3 + an inference pass
     return batch * (forward_flops(student) * (2 * pgd_steps + update) + forward_flops(teacher))
+
+
+def measure_ceiling(tf):
+    """GFLOP/s of the fastest of a few large float32 kernels on this machine: a
+    2048 x 2048 matmul and 3x3 convolutions of ResNet-18's stages at batch 128
+    (median of 5 timed calls each, after one warm-up)."""
+    def rate(fn, flops):
+        fn().numpy()
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn().numpy()
+            times.append(time.perf_counter() - start)
+        return flops / statistics.median(times) / 1e9
+
+    a = tf.random.normal([2048, 2048])
+    best = {"matmul 2048": rate(tf.function(lambda: tf.reduce_sum(tf.matmul(a, a))),
+                                2 * 2048 ** 3)}
+    for hw, c in ((32, 64), (16, 128), (8, 256)):
+        x, k = tf.random.normal([128, hw, hw, c]), tf.random.normal([3, 3, c, c])
+        conv = tf.function(lambda x=x, k=k: tf.reduce_sum(tf.nn.conv2d(x, k, 1, "SAME")))
+        best[f"conv3x3 {hw}x{hw}x{c}"] = rate(conv, 2 * 128 * hw * hw * c * c * 9)
+    return best
 
 
 def cpu_snapshot():
@@ -119,6 +145,12 @@ def main():
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     import ardir_tf
+
+    if args.measure_ceiling:
+        kernels = measure_ceiling(tf)
+        args.ceiling_gflops = round(max(kernels.values()), 1)
+        print("ceiling: " + ", ".join(f"{k} {v:.0f}" for k, v in kernels.items())
+              + f" GFLOP/s; using {args.ceiling_gflops}")
 
     shape = INPUTS[args.input]
     width = args.width or (32 if args.arch == "small_cnn" else 64)
