@@ -1,4 +1,4 @@
-"""APGD-T on the digits student: ours against torchattacks on the same weights.
+"""APGD-T (or Square) on the digits student: ours against torchattacks on the same weights.
 
     # 1. In the project's environment: time ours, write the weights and images.
     python tests/benchmarks/apgdt_vs_torchattacks.py --ours /tmp/apgdt.npz
@@ -9,7 +9,8 @@
 
 Both attack the same 360 test digits of the default run's student
 (`--student`, default the committed tests/data/digits_run/student.keras) at
-Linf eps 0.15 with APGD-T: 9 targets x 100 steps, one restart. Ours runs
+Linf eps 0.15 with APGD-T: 9 targets x 100 steps, one restart (or, with
+`--attack square`, Square with 5,000 queries, p_init 0.8, margin loss). Ours runs
 through `ardir_tf.evaluate.evaluate` (as `--attacks=standard` does; the time
 includes tracing its one loop); torchattacks' `APGDT` runs as its users call
 it. Step 2 first checks that the PyTorch replica's logits match the Keras
@@ -30,7 +31,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-EPS, STEPS, TARGETS = 0.15, 100, 9
+EPS, STEPS, TARGETS, QUERIES = 0.15, 100, 9, 5000
 
 
 def ours(args):
@@ -46,12 +47,14 @@ def ours(args):
     model = keras.models.load_model(args.student)
     (_, _), (x, y) = ardir_tf.data.digits()
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(256)
-    apgd_t = ev.standard(EPS, apgd_steps=STEPS, n_targets=TARGETS)["apgd_t"]
+    name = "apgd_t" if args.attack == "apgd_t" else "square"
+    attack = ev.standard(EPS, apgd_steps=STEPS, n_targets=TARGETS, queries=QUERIES)[name]
     for _ in range(args.repeats):
-        report = ev.evaluate(model, data, eps=EPS, attacks={"apgd_t": apgd_t},
+        report = ev.evaluate(model, data, eps=EPS, attacks={name: attack},
                              sanity_examples=0, verbose=0)
-        print(json.dumps({"side": "ardir_tf", "seconds": report["attack_seconds"]["apgd_t"],
-                          "robust_accuracy": report["robust_accuracy"]["apgd_t"],
+        print(json.dumps({"side": "ardir_tf", "attack": name,
+                          "seconds": report["attack_seconds"][name],
+                          "robust_accuracy": report["robust_accuracy"][name],
                           "clean_accuracy": report["clean_accuracy"],
                           "tensorflow": tf.__version__}), flush=True)
     weights = {}
@@ -91,15 +94,20 @@ def theirs(args):
     if gap > 1e-3:
         raise SystemExit(f"the PyTorch replica's logits differ from Keras' by {gap}: "
                          "the weights did not map")
-    attack = torchattacks.APGDT(model, norm="Linf", eps=EPS, steps=STEPS, n_restarts=1,
-                                n_classes=10, seed=0)
+    if args.attack == "apgd_t":
+        attack = torchattacks.APGDT(model, norm="Linf", eps=EPS, steps=STEPS, n_restarts=1,
+                                    n_classes=10, seed=0)
+    else:
+        attack = torchattacks.Square(model, norm="Linf", eps=EPS, n_queries=QUERIES,
+                                     n_restarts=1, p_init=0.8, loss="margin", seed=0)
     for _ in range(args.repeats):
         start = time.perf_counter()
         x_adv = torch.cat([attack(x[i: i + 256], y[i: i + 256]) for i in range(0, len(y), 256)])
         seconds = time.perf_counter() - start
         with torch.no_grad():
             robust = float((model(x_adv).argmax(1) == y).float().mean())
-        print(json.dumps({"side": "torchattacks", "seconds": round(seconds, 2),
+        print(json.dumps({"side": "torchattacks", "attack": args.attack,
+                          "seconds": round(seconds, 2),
                           "robust_accuracy": robust, "logit_gap": gap,
                           "torch": torch.__version__,
                           "torchattacks": torchattacks.__version__}), flush=True)
@@ -113,6 +121,7 @@ def main():
     p.add_argument("--student", default=os.path.join(ROOT, "tests", "data", "digits_run",
                                                      "student.keras"))
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--attack", choices=["apgd_t", "square"], default="apgd_t")
     args = p.parse_args()
     if bool(args.ours) == bool(args.torch):
         p.error("give one of --ours NPZ or --torch NPZ")
