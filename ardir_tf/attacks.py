@@ -525,7 +525,9 @@ def square(model_fn, x, y, *, eps, queries=5000, norm="linf", p_init=0.8,
     Each query changes one random square window per example (Linf: the window
     jumps to a vertex of the cube x +- eps; L2: mass moves between two windows,
     keeping the perturbation on the sphere) and is kept if it lowers the
-    margin z_y - max_{j!=y} z_j. An example stops counting once fooled. The
+    margin z_y - max_{j!=y} z_j. An example stops counting once fooled, and
+    the model is no longer queried on it (on the digits student: 20 s -> 15.6
+    s for 5,000 queries on 360 points, the same result). The
     window covers a fraction of the image that shrinks from p_init on the
     paper's schedule.
 
@@ -553,9 +555,9 @@ def square(model_fn, x, y, *, eps, queries=5000, norm="linf", p_init=0.8,
     batch = tf.shape(x)[0]
     low, high = clip if clip is not None else (-np.inf, np.inf)
 
-    def margin(z):
+    def margin(z, labels=y):
         logits = _logits(model_fn(z))
-        return _true_logit(logits, y) - _other_max(logits, y)
+        return _true_logit(logits, labels) - _other_max(logits, labels)
 
     def signs(shape):
         return 2.0 * tf.cast(tf.random.uniform(shape, 0, 2, tf.int32), tf.float32) - 1.0
@@ -654,9 +656,13 @@ def square(model_fn, x, y, *, eps, queries=5000, norm="linf", p_init=0.8,
         size = size_of[i]
         candidate = (linf_candidate(best, size) if norm == "linf"
                      else l2_candidate(best, size, tf.gather(table, pattern_of[i])))
-        m = margin(candidate)
-        # Only examples not fooled yet move; a fooled one keeps its point.
-        take = tf.logical_and(m < best_m, best_m > 0)
+        # Only examples not fooled yet move; a fooled one keeps its point, so
+        # the model is queried on the ones still standing only.
+        standing = tf.where(best_m > 0)
+        m = tf.tensor_scatter_nd_update(
+            tf.fill(tf.shape(best_m), np.float32(np.inf)), standing,
+            margin(tf.gather_nd(candidate, standing), tf.gather_nd(y, standing)))
+        take = m < best_m
         return (i + 1, tf.where(take[:, None, None, None], candidate, best),
                 tf.where(take, m, best_m))
 

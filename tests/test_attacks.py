@@ -290,6 +290,23 @@ def test_square_stays_in_the_ball_and_lowers_the_margin(tiny, norm, eps):
     np.testing.assert_array_equal(x_adv.numpy()[~right], x[~right])
 
 
+def test_square_queries_only_the_points_still_standing(tiny):
+    """A point already fooled (here: the 8 of 16 misclassified from the start)
+    is never sent to the model again: 2 x 16 examples for the clean and the
+    starting margins, then at most 8 a query (16 without the pruning)."""
+    x, y = batch(16)
+    pred = np.argmax(tiny(x), -1)
+    y = np.where(np.arange(16) < 8, pred, (pred + 1) % 10)
+    seen = tf.Variable(0)
+
+    def counted(z):
+        seen.assign_add(tf.shape(z)[0])
+        return tiny(z)
+
+    attacks.square(tf.function(counted), x, y, eps=0.1, queries=50)
+    assert 32 + 49 <= int(seen.numpy()) <= 32 + 49 * 8
+
+
 def test_square_breaks_a_natural_model_without_gradients(trained, digits):
     _, (x, y) = digits
     x, y = x[:100], y[:100]
