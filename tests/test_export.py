@@ -32,6 +32,14 @@ def exported_run(tmp_path_factory):
     return workdir, proc.stdout
 
 
+def test_main_py_export_writes_the_runs_student_unchanged(exported_run):
+    workdir, _ = exported_run
+    exported = keras.models.load_model(workdir / "export" / "student.keras")
+    original = keras.models.load_model(workdir / "student.keras")
+    x = np.random.default_rng(0).random((4, 8, 8, 1), dtype=np.float32)
+    np.testing.assert_allclose(exported(x), original(x), atol=1e-6)
+
+
 def test_main_py_export_passes_parity_and_writes_a_full_card(exported_run):
     workdir, stdout = exported_run
     card = artifacts.verify(workdir / "export")  # every file there, sha256 as listed
