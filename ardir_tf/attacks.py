@@ -429,14 +429,15 @@ def apgd(model_fn, x, y, *, eps, steps=100, norm="linf", loss="ce", targets=None
 
 
 def apgd_targeted(model_fn, x, y, *, eps, steps=100, norm="linf", n_targets=9,
-                  clip=(0.0, 1.0), restarts=1, targets_per_run=None):
+                  clip=(0.0, 1.0), restarts=1, targets_per_run=1):
     """APGD-T: targeted APGD-DLR towards each of the `n_targets` classes the
     model ranks highest on x after the true one (capped at the number of other
     classes); per example, the first target that fools the model wins (else the
     last attempt). Costs n_targets * restarts APGD runs.
 
     `targets_per_run` attempts run as one APGD loop on the batch tiled that many
-    times (default: all of them): the same arithmetic in one loop to trace
+    times (None: all of them; default 1, one after the other, the memory of
+    one attempt): the same arithmetic in one loop to trace
     and fewer, larger operations (APGD-T on the 360 test digits of the default
     run's student: 18-19 s one target at a time, 7.7-8.3 s all nine at once,
     tracing included), at that many times the memory of one attempt.

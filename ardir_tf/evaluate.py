@@ -200,13 +200,20 @@ def _batch_targets(attack, model, batch_size):
     settings = attack.settings
     if settings.get("attack") != "apgd_targeted" or "targets_per_run" in settings:
         return attack
-    attempts = settings.get("n_targets", 9) * settings.get("restarts", 1)
+    n_targets, restarts = settings.get("n_targets", 9), settings.get("restarts", 1)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+               for v in (n_targets, restarts)):
+        return attack  # the attack itself says what is wrong with them
+    attempts = n_targets * restarts
     per_example = _activation_bytes(model) if isinstance(model, keras.Model) else None
     fit = 1 if not per_example else TARGETS_MEMORY_BYTES // (per_example * batch_size)
     per_run = max(1, min(attempts, fit))
     # Even groups: 9 attempts in two runs are 5 + 4, not 8 + 1.
     per_run = -(-attempts // -(-attempts // per_run))
-    return dataclasses.replace(attack, run=functools.partial(attack.run, targets_per_run=per_run))
+    # Recorded in the report: the grouping decides which random start each
+    # attempt draws, so it is part of what reproduces the numbers.
+    return Attack(functools.partial(attack.run, targets_per_run=per_run),
+                  {**settings, "targets_per_run": per_run}, attack.gradient_free)
 
 
 def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, *,

@@ -390,6 +390,10 @@ def test_evaluate_runs_apgd_t_targets_together_within_the_memory_budget():
     assert per_run(large, 64) == 2  # 1 GiB holds 2 x 64; groups of 2
     assert evaluate._batch_targets(apgd_t, lambda z: z, 256).run.keywords[
         "targets_per_run"] == 1  # size unknown: one target at a time
+    # The report records the grouping; bad n_targets are left for the attack to refuse.
+    assert evaluate._batch_targets(apgd_t, large, 64).settings["targets_per_run"] == 2
+    bad = evaluate.standard(0.1, n_targets=0)["apgd_t"]
+    assert evaluate._batch_targets(bad, small, 256) is bad
     with pytest.raises(ValueError, match="targets_per_run must be an integer >= 1"):
         attacks.apgd_targeted(lambda z: tf.zeros([2, 10]), tf.zeros([2, 8, 8, 1]),
                               tf.zeros([2], tf.int32), eps=0.1, targets_per_run=0)

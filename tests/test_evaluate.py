@@ -53,8 +53,9 @@ def test_apgd_ce_beats_pgd_and_the_worst_case_is_below_every_attack(natural_repo
     assert r["worst_case_accuracy"] < r["clean_accuracy"]
     assert r["n_examples"] == N_REPORT and r["eps"] == 0.05 and r["norm"] == "linf"
     assert set(r["attack_seconds"]) == set(acc) and r["seconds"] > 0
+    # targets_per_run: evaluate's grouping of the targets (all 3 fit the budget).
     assert r["attacks"]["apgd_t"] == {"attack": "apgd_targeted", "eps": 0.05, "norm": "linf",
-                                      "steps": 100, "n_targets": 3}
+                                      "steps": 100, "n_targets": 3, "targets_per_run": 3}
     json.dumps(r)  # all of it is JSON
 
 
