@@ -3,6 +3,7 @@
     python tests/benchmarks/step_speed.py --arch small_cnn --input digits8 --method ard
     python tests/benchmarks/step_speed.py --arch resnet18 --input cifar32 --method ardir \\
         --steps_timed 3 --warmup 1
+    python tests/benchmarks/step_speed.py --compare ard,ardir --steps_timed 10 --rounds 6
 
 Random data (it measures time only): a teacher and a student of `--arch`, the
 ARD or ARDIR step with PGD-`--pgd_steps` at `--batch`, SGD with momentum, through
@@ -51,6 +52,12 @@ def parse():
     p.add_argument("--jit", action="store_true", help="compile the step with XLA")
     p.add_argument("--ceiling_gflops", type=float, default=210.0,
                    help="the machine's float32 arithmetic ceiling, GFLOP/s")
+    p.add_argument("--compare", metavar="METHODS",
+                   help="comma-separated methods (ard, ardir) timed in one process, in "
+                        "alternating blocks of --steps_timed steps for --rounds rounds: "
+                        "the fair way to compare two set-ups on a machine whose speed "
+                        "drifts. Prints each one's median and its ratio to the first")
+    p.add_argument("--rounds", type=int, default=5, help="alternations for --compare")
     p.add_argument("--measure_ceiling", action="store_true",
                    help="measure the ceiling here first (the best of a 2048 matmul and "
                         "ResNet-18's 3x3 convolutions at batch 128) and use it")
@@ -135,6 +142,58 @@ def onednn_state():
     return f"{'on' if on else 'off'} (TensorFlow's default for this CPU)"
 
 
+def build_distiller(ardir_tf, keras, args, method, shape):
+    width = args.width or (32 if args.arch == "small_cnn" else 64)
+    teacher_width = args.teacher_width or width
+    keras.utils.set_random_seed(0)
+    teacher = ardir_tf.models.build(args.arch, shape, 10, width=teacher_width)
+    student = ardir_tf.models.build(args.arch, shape, 10, width=width)
+    stages = ardir_tf.models.stage_names(student)
+    layers = [ardir_tf.LayerPair(s, s) for s in stages] if method == "ardir" else []
+    eps = 8 / 255
+    distiller = ardir_tf.ARDIRDistiller(
+        teacher=teacher, student=student, layers=layers, method=method,
+        alpha=args.alpha, attack=ardir_tf.attacks.PGD(eps=eps, step_size=eps / 4,
+                                                       steps=args.pgd_steps))
+    distiller.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), jit_compile=args.jit)
+    return distiller
+
+
+def compare(args, ardir_tf, keras, data, shape):
+    """Each method's step timed in alternating blocks in this one process."""
+    methods = [m.strip() for m in args.compare.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ("ard", "ardir")]
+    if len(methods) < 2 or bad:
+        raise SystemExit(f"--compare takes two or more of ard, ardir; got {args.compare!r}")
+    distillers = {m: build_distiller(ardir_tf, keras, args, m, shape) for m in methods}
+    times = {m: [] for m in methods}
+
+    class Clock(keras.callbacks.Callback):
+        def __init__(self, sink):
+            super().__init__()
+            self.sink = sink
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.t = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            float(logs["loss"])
+            self.sink.append(time.perf_counter() - self.t)
+
+    for m in methods:  # trace and warm up
+        distillers[m].fit(data, epochs=1, steps_per_epoch=max(args.warmup, 1), verbose=0)
+    for _ in range(args.rounds):
+        for m in methods:
+            distillers[m].fit(data, epochs=1, steps_per_epoch=args.steps_timed,
+                              callbacks=[Clock(times[m])], verbose=0)
+    first = statistics.median(times[methods[0]])
+    for m in methods:
+        median = statistics.median(times[m])
+        print(f"{m}: step {median * 1e3:.1f} ms median of {len(times[m])} "
+              f"({args.rounds} alternating blocks), {args.batch / median:.0f} img/s, "
+              f"{median / first:.3f}x the {methods[0]} step")
+
+
 def main():
     args = parse()
     import keras
@@ -153,23 +212,14 @@ def main():
               + f" GFLOP/s; using {args.ceiling_gflops}")
 
     shape = INPUTS[args.input]
-    width = args.width or (32 if args.arch == "small_cnn" else 64)
-    teacher_width = args.teacher_width or width
-    keras.utils.set_random_seed(0)
-    teacher = ardir_tf.models.build(args.arch, shape, 10, width=teacher_width)
-    student = ardir_tf.models.build(args.arch, shape, 10, width=width)
-    stages = ardir_tf.models.stage_names(student)
-    layers = [ardir_tf.LayerPair(s, s) for s in stages] if args.method == "ardir" else []
-    eps = 8 / 255
-    distiller = ardir_tf.ARDIRDistiller(
-        teacher=teacher, student=student, layers=layers, method=args.method,
-        alpha=args.alpha, attack=ardir_tf.attacks.PGD(eps=eps, step_size=eps / 4,
-                                                       steps=args.pgd_steps))
-    distiller.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), jit_compile=args.jit)
     rng = np.random.default_rng(0)
     x = rng.random((args.batch, *shape), dtype=np.float32)
     y = rng.integers(0, 10, args.batch).astype(np.int32)
     data = tf.data.Dataset.from_tensors((x, y)).repeat()
+    if args.compare:
+        return compare(args, ardir_tf, keras, data, shape)
+    distiller = build_distiller(ardir_tf, keras, args, args.method, shape)
+    student, teacher = distiller.student, distiller.teacher
 
     times, marks = [], {}
 
