@@ -436,14 +436,13 @@ def apgd_targeted(model_fn, x, y, *, eps, steps=100, norm="linf", n_targets=9,
     last attempt). Costs n_targets * restarts APGD runs.
 
     `targets_per_run` attempts run as one APGD loop on the batch tiled that many
-    times (None: all of them; default 1, one after the other, the memory of
-    one attempt): the same arithmetic in one loop to trace
-    and fewer, larger operations (APGD-T on the 360 test digits of the default
-    run's student: 18-19 s one target at a time, 7.7-8.3 s all nine at once,
-    tracing included), at that many times the memory of one attempt.
-    `evaluate` picks it from the model's size. Each example of the tiled batch
-    is attacked independently, so grouping changes only which random start
-    each attempt draws.
+    times (None: all of them; default 1: one after the other). The arithmetic
+    is the same, in one loop to trace and fewer, larger operations, at that
+    many times the memory of one attempt: APGD-T on the 360 test digits of the
+    default run's student took 18-19 s one target at a time and 7.7-8.3 s all
+    nine at once, tracing included. `evaluate` picks it from the model's size.
+    Each example of the tiled batch is attacked independently, so the grouping
+    changes only which random start each attempt draws.
     """
     _check(eps, 1.0, steps, norm, "dlr", clip)
     _check_restarts(restarts)
