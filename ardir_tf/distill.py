@@ -16,8 +16,7 @@ One training step (K = attack steps):
        mode, under the tape; the method's per-example loss, reduced with the
        global batch size; gradients to the student and the adapters only.
 About K + 1 student forward and backward passes, one more forward (and
-backward) pass for the clean term when alpha < 1 (or one inference pass for the
-clean-accuracy metric when alpha = 1), plus one teacher forward pass.
+backward) pass for the clean term when alpha < 1, plus one teacher forward pass.
 """
 
 import dataclasses

@@ -90,7 +90,7 @@ def _size(shape):
 
 
 def step_flops(student, teacher, pgd_steps, alpha, batch):
-    update = 6 if alpha < 1 else 4  # without the clean term: 3 + an inference pass
+    update = 6 if alpha < 1 else 3  # forward + full backward on x', and on x for alpha < 1
     return batch * (forward_flops(student) * (2 * pgd_steps + update) + forward_flops(teacher))
 
 
