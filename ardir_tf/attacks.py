@@ -168,9 +168,13 @@ def _first_success(model_fn, y, runs, targets=None):
     return x_adv
 
 
+def _check_count(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 def _check_restarts(restarts):
-    if isinstance(restarts, bool) or not isinstance(restarts, numbers.Integral) or restarts < 1:
-        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+    _check_count("restarts", restarts)
 
 
 def pgd(model_fn, x, y, *, eps, step_size, steps, norm="linf", loss="ce",
@@ -459,23 +463,17 @@ def apgd_targeted(model_fn, x, y, *, eps, steps=100, norm="linf", n_targets=9,
     others = tf.reshape(tf.boolean_mask(ranked, tf.not_equal(ranked, y[:, None])),
                         [-1, n_classes - 1])
     attempts = [i for i in range(n_targets) for _ in range(restarts)]
-    if targets_per_run is None:
-        per_run = len(attempts)
-    elif isinstance(targets_per_run, bool) or not isinstance(targets_per_run, numbers.Integral) \
-            or targets_per_run < 1:
-        raise ValueError(f"targets_per_run must be an integer >= 1 or None, got "
-                         f"{targets_per_run!r}")
-    else:
-        per_run = int(targets_per_run)
-    tile = [1] * x.shape.rank
+    if targets_per_run is not None:
+        _check_count("targets_per_run", targets_per_run)
+    per_run = len(attempts) if targets_per_run is None else int(targets_per_run)
     candidates = []
     for start in range(0, len(attempts), per_run):
         group = attempts[start: start + per_run]
         k = len(group)
-        out = apgd(model_fn, tf.tile(x, [k] + tile[1:]), tf.tile(y, [k]), eps=eps,
-                   steps=steps, norm=norm, loss="dlr", clip=clip,
+        out = apgd(model_fn, tf.tile(x, [k] + [1] * (x.shape.rank - 1)), tf.tile(y, [k]),
+                   eps=eps, steps=steps, norm=norm, loss="dlr", clip=clip,
                    targets=tf.concat([others[:, i] for i in group], 0))
-        candidates.extend(tf.split(out, k, axis=0) if k > 1 else [out])
+        candidates.extend(tf.split(out, k, axis=0))
     return _first_success(model_fn, y, [lambda c=c: c for c in candidates])
 
 
