@@ -64,7 +64,9 @@ class AdversarialTrainer(RobustModel):
     def adversarial_examples(self, x, y):
         """The PGD examples a training step crafts for the batch (x, y) (x
         itself for "natural")."""
-        x, y = self._unpack((x, y))
+        return self._adversarial(*self._unpack((x, y)))
+
+    def _adversarial(self, x, y):
         if self.method == "natural":
             return x
         if self.method == "pgd_at":
@@ -74,21 +76,16 @@ class AdversarialTrainer(RobustModel):
 
     def train_step(self, data):
         x, y = self._unpack(data)
-        if self.method == "natural":
-            with tf.GradientTape() as tape:
-                logits = self.model(x, training=True)
-                terms = losses.natural(y, logits)
-                scaled = self.optimizer.scale_loss(self._reduce(terms["loss"]))
-            self._apply(tape, scaled)
-            return self._report(y, terms, logits)
-        x_adv = self.adversarial_examples(x, y)
+        x_adv = None if self.method == "natural" else self._adversarial(x, y)
         with tf.GradientTape() as tape:
-            logits_adv = self.model(x_adv, training=True)
-            if self.method == "pgd_at":
-                logits_clean = None
+            # x' before x, so BatchNorm's moving statistics update in that order.
+            logits_adv = None if x_adv is None else self.model(x_adv, training=True)
+            logits_clean = None if self.method == "pgd_at" else self.model(x, training=True)
+            if self.method == "natural":
+                terms = losses.natural(y, logits_clean)
+            elif self.method == "pgd_at":
                 terms = losses.pgd_at(y, logits_adv)
             else:
-                logits_clean = self.model(x, training=True)
                 terms = losses.trades(y, logits_clean, logits_adv, self.beta)
             scaled = self.optimizer.scale_loss(self._reduce(terms["loss"]))
         self._apply(tape, scaled)

@@ -189,7 +189,8 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
             raise ValueError("attack_objective='ardir' needs method='ardir'")
         super().__init__(student, attack, eval_attack,
                          train_metrics=self._term_names(method, alpha, ir_weight),
-                         clean_accuracy=method == "rslad" or alpha < 1, name=name, **kwargs)
+                         clean_accuracy=self._has_clean_term(method, alpha), name=name,
+                         **kwargs)
         self.student = student
         # The teacher is kept out of Keras' tracking: the distiller's weights
         # (what save_weights and the run's backups write) and its trainable
@@ -246,8 +247,10 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
         """The frozen teacher (not among the distiller's weights)."""
         return self._views.teacher_model
 
-    def _needs_clean_student(self):
-        return self.method == "rslad" or self.alpha < 1
+    @staticmethod
+    def _has_clean_term(method, alpha):
+        """Whether the loss runs the student on the clean x (RSLAD; alpha < 1)."""
+        return method == "rslad" or alpha < 1
 
     def _adapted(self, student_out):
         return [student_out[p.student] if a is None else a(student_out[p.student])
@@ -310,7 +313,7 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
         with tf.GradientTape() as tape:
             s_adv = self._views.student(x_adv, training=True)
             s_clean = (self.student(x, training=True)
-                       if self._needs_clean_student() else None)
+                       if self._has_clean_term(self.method, self.alpha) else None)
             terms = self._loss_terms(y, s_clean, s_adv, teacher_out)
             scaled = self.optimizer.scale_loss(self._reduce(terms["loss"]))
         self._apply(tape, scaled)
