@@ -206,7 +206,8 @@ def phase(workdir, name, data, epochs, make_trainable):
     done = training.resumable_epoch(workdir, name)
     say(f"[{name}] resuming after epoch {done} of {epochs}" if done else
         f"[{name}] training for {epochs} epochs")
-    trainable, model = make_trainable()
+    trainable = make_trainable()
+    model = trainable.network
     trainable.compile(optimizer=optimizer(data, epochs), jit_compile=FLAGS.jit_compile)
     training.fit_phase(trainable, data.train, epochs, workdir, name, verbose=FLAGS.verbose,
                        chief=CHIEF)
@@ -223,17 +224,17 @@ def natural_trainable(data):
     the same machinery as the robust phases (so it runs under every strategy)."""
     from ardir_tf import AdversarialTrainer
     model = build_student(data)
-    return AdversarialTrainer(model, attack=attack(FLAGS.steps), method="natural"), model
+    return AdversarialTrainer(model, attack=attack(FLAGS.steps), method="natural")
 
 
-def teacher_trainable(data, model):
+def teacher_trainable(model):
     from ardir_tf import AdversarialTrainer
     return AdversarialTrainer(model, attack=attack(FLAGS.steps), method=FLAGS.teacher_method,
-                              beta=FLAGS.trades_beta), model
+                              beta=FLAGS.trades_beta)
 
 
 def student_trainable(data, teacher):
-    """The distiller of `teacher` (built once) and its student."""
+    """The distiller of `teacher` (built once)."""
     from ardir_tf import ARDIRDistiller, LayerPair
 
     def make():
@@ -245,8 +246,7 @@ def student_trainable(data, teacher):
                               attack_objective=FLAGS.attack_objective, alpha=FLAGS.alpha,
                               temperature=FLAGS.temperature, ir_weight=FLAGS.ir_weight,
                               distance=FLAGS.distance)
-    distiller = once(("distiller", id(teacher)), make)
-    return distiller, distiller.student
+    return once(("distiller", id(teacher)), make)
 
 
 def teacher_model(workdir, data):
@@ -254,7 +254,7 @@ def teacher_model(workdir, data):
         say(f"[teacher] loading {FLAGS.teacher}")
         return load_model(FLAGS.teacher, "--teacher")
     return phase(workdir, "teacher", data, FLAGS.teacher_epochs,
-                 lambda: teacher_trainable(data, teacher_network(workdir, data)))
+                 lambda: teacher_trainable(teacher_network(workdir, data)))
 
 
 # --- evaluation -------------------------------------------------------------
@@ -305,13 +305,12 @@ def distill(workdir, data):
 
 
 def evaluate_mode(workdir, data):
-    import keras
     found = {n: workdir.path(f"{n}.keras") for n in ("natural", "teacher", "student")
              if workdir.exists(f"{n}.keras")}
     if not found:
         fail(f"no natural.keras, teacher.keras or student.keras in {workdir.root}; "
              "train first (--mode=distill or --mode=train_teacher)")
-    loaded = {n: keras.models.load_model(p) for n, p in found.items()}
+    loaded = {n: load_model(p) for n, p in found.items()}
     for name, model in loaded.items():
         if tuple(model.inputs[0].shape[1:]) != tuple(data.input_shape):
             fail(f"{name}.keras takes {tuple(model.inputs[0].shape[1:])} images but "
@@ -320,12 +319,11 @@ def evaluate_mode(workdir, data):
 
 
 def export(workdir, data):
-    import keras
     from ardir_tf import evaluate
     from export import artifacts, parity
     if not workdir.exists("student.keras"):
         fail(f"no student.keras in {workdir.root}; run --mode=distill first")
-    student = keras.models.load_model(workdir.path("student.keras"))
+    student = load_model(workdir.path("student.keras"))
     if tuple(student.inputs[0].shape[1:]) != tuple(data.input_shape):
         fail(f"student.keras takes {tuple(student.inputs[0].shape[1:])} images but "
              f"{data.name} has {tuple(data.input_shape)}; pass the run's --dataset")

@@ -120,7 +120,9 @@ def define_flags():
                          "less time; per-attack columns become cumulative).")
     # Method.
     flags.DEFINE_enum("method", "ardir", list(distill.METHODS), "Distillation method.")
-    flags.DEFINE_enum("teacher_method", "pgd_at", list(adversarial.METHODS),
+    # "natural" is the baseline phase's method, not a way to train a robust teacher.
+    flags.DEFINE_enum("teacher_method", "pgd_at",
+                      [m for m in adversarial.METHODS if m != "natural"],
                       "How a teacher is trained.")
     flags.DEFINE_list("layers", ["stage2:stage2"], "student_layer:teacher_layer pairs "
                       "matched by the IR term (method ardir).")

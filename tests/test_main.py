@@ -281,6 +281,8 @@ BAD = {
     "npz_missing_file": (["--dataset=npz:/no/such.npz"], "--dataset: must be one of"),
     "arch": (["--student_arch=vgg"], "value should be one of"),
     "method": (["--method=kd"], "value should be one of"),
+    # "natural" is the baseline phase's trainer method, never a robust teacher's.
+    "teacher_method": (["--teacher_method=natural"], "value should be one of <pgd_at|trades>"),
     "mode": (["--mode=train"], "value should be one of"),
     "alpha": (["--alpha=1.5"], "--alpha: must be in [0, 1]"),
     "replicas": (["--batch_size=63", "--devices=2"], "--batch_size must be a multiple of --devices"),
