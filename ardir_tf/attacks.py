@@ -443,7 +443,7 @@ def apgd_targeted(model_fn, x, y, *, eps, steps=100, norm="linf", n_targets=9,
     times (None: all of them; default 1: one after the other). The arithmetic
     is the same, in one loop to trace and fewer, larger operations, at that
     many times the memory of one attempt: APGD-T on the 360 test digits of the
-    default run's student took 18-19 s one target at a time and 7.7-8.3 s all
+    default run's student took 18-19 s one target at a time and 7.2-8.3 s all
     nine at once, tracing included. `evaluate` picks it from the model's size.
     Each example of the tiled batch is attacked independently, so the grouping
     changes only which random start each attempt draws.

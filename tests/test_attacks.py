@@ -233,6 +233,10 @@ def test_restarts_break_more_and_stay_in_the_ball(trained, digits):
     fn = lambda z: model(z, training=False)  # noqa: E731
     # One step from a random start: a weak attack, whose outcome depends on the
     # start, so that further starts must break examples the first one missed.
+    # Seeded, so it does not depend on what ran before on this worker; measured
+    # over seeds 0-5 on the committed student: 3 restarts lower accuracy by
+    # 0.019-0.042 (7-15 of 360 examples), against the 0.01 asked for here.
+    tf.random.set_seed(0)
     one = attacks.pgd(fn, x, y, eps=0.15, step_size=0.15, steps=1)
     three = attacks.pgd(fn, x, y, eps=0.15, step_size=0.15, steps=1, restarts=3)
     assert accuracy(model, three, y) < accuracy(model, one, y) - 0.01
