@@ -4,6 +4,8 @@
     python tests/benchmarks/step_speed.py --arch resnet18 --input cifar32 --method ardir \\
         --steps_timed 3 --warmup 1
     python tests/benchmarks/step_speed.py --compare ard,ardir --steps_timed 10 --rounds 6
+    python tests/benchmarks/step_speed.py --kernel_floor --arch small_cnn --input digits8
+    python tests/benchmarks/step_speed.py --profile --arch small_cnn --input digits8
 
 Random data (it measures time only): a teacher and a student of `--arch`, the
 ARD or ARDIR step with PGD-`--pgd_steps` at `--batch`, SGD with momentum, through
@@ -18,6 +20,18 @@ activations, pooling left out): a PGD step is a forward pass and a backward pass
 to the input (2 forward-equivalents); the update is a forward pass and a full
 backward pass (3) on x' and, with the clean CE term (alpha < 1), again on x; the
 teacher runs one forward pass on x.
+
+`--kernel_floor` answers "how fast could this step be with TensorFlow's own
+kernels?": it times each convolution kernel the step runs (forward, gradient to
+the input, gradient to the filter) alone, at the step's shapes, in a compiled
+loop, and adds them up with the number of calls a step makes. That sum is a
+lower bound on the step time (BatchNorm, activations, pooling, the optimizer and
+the executor's own overhead are left out), and the images/s it allows is an
+upper bound on what any change to the step's graph could reach.
+
+`--profile` runs the timed steps under TensorFlow's profiler and prints where
+the step's op time goes, by op type (summed over the executor's threads;
+the profiler itself slows the step by a third or so, so read the shares).
 """
 
 import argparse
@@ -61,6 +75,12 @@ def parse():
     p.add_argument("--measure_ceiling", action="store_true",
                    help="measure the ceiling here first (the best of a 2048 matmul and "
                         "ResNet-18's 3x3 convolutions at batch 128) and use it")
+    p.add_argument("--kernel_floor", action="store_true",
+                   help="time each convolution kernel of the step alone and print their "
+                        "sum: a lower bound on the step time (see the module docstring)")
+    p.add_argument("--profile", action="store_true",
+                   help="run the timed steps under tf.profiler and print the op time per "
+                        "step by op type")
     return p.parse_args()
 
 
@@ -115,6 +135,145 @@ def measure_ceiling(tf):
         conv = tf.function(lambda x=x, k=k: tf.reduce_sum(tf.nn.conv2d(x, k, 1, "SAME")))
         best[f"conv3x3 {hw}x{hw}x{c}"] = rate(conv, 2 * 128 * hw * hw * c * c * 9)
     return best
+
+
+def conv_calls(model, pgd_steps, alpha, teacher):
+    """[(layer, input shape, kernel, calls per step by kernel)] for every Conv2D
+    of `model` (nested models included), in the step's accounting: a teacher
+    runs forward once; a student forward and back to the input per PGD step,
+    then forward, back to the input and to the filter once per training pass
+    (two when alpha < 1). The first convolution reads the pixels, so a training
+    pass needs no gradient to its input (TensorFlow prunes it)."""
+    import keras
+    passes = 2 if alpha < 1 else 1
+    convs = []
+
+    def walk(m):
+        for layer in m.layers:
+            if isinstance(layer, keras.Model):
+                walk(layer)
+            elif (isinstance(layer, keras.layers.Conv2D)
+                  and not isinstance(layer, keras.layers.DepthwiseConv2D)):
+                convs.append(layer)
+    walk(model)
+    out = []
+    for i, layer in enumerate(convs):
+        if teacher:
+            calls = {"forward": 1}
+        else:
+            calls = {"forward": pgd_steps + passes,
+                     "input_grad": pgd_steps + (passes if i else 0),
+                     "filter_grad": passes}
+        out.append((layer, tuple(layer.input.shape[1:]), layer.kernel.shape, calls))
+    return out
+
+
+def time_kernel(tf, kind, batch, in_shape, kernel_shape, strides, padding, out_shape):
+    """Seconds per call of one convolution kernel, alone: repeated calls in a
+    compiled while loop (each feeding a scalar accumulator, so none is pruned),
+    as many as take about 0.1 s, median of 5 timed runs after a warm-up."""
+    x = tf.random.uniform([batch, *in_shape])
+    k = tf.random.normal(kernel_shape) * 0.1
+    g = tf.random.normal([batch, *out_shape])
+    s = [1, *strides, 1]
+    padding = padding.upper()
+    ops = {
+        "forward": lambda: tf.nn.conv2d(x, k, s, padding),
+        "input_grad": lambda: tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=[batch, *in_shape], filter=k, out_backprop=g, strides=s,
+            padding=padding),
+        "filter_grad": lambda: tf.raw_ops.Conv2DBackpropFilter(
+            input=x, filter_sizes=list(kernel_shape), out_backprop=g, strides=s,
+            padding=padding),
+    }
+    op = ops[kind]
+
+    @tf.function(autograph=False)
+    def run(reps):
+        def body(i, acc):
+            return i + 1, acc + tf.reshape(op(), [-1])[0]
+        return tf.while_loop(lambda i, _: i < reps, body,
+                             (tf.constant(0), tf.constant(0.0)))[1]
+
+    def once(reps):
+        start = time.perf_counter()
+        run(tf.constant(reps)).numpy()
+        return time.perf_counter() - start
+
+    once(2)
+    reps = max(1, min(100, round(0.1 / once(1))))
+    return statistics.median(once(reps) for _ in range(5)) / reps
+
+
+def kernel_floor(tf, args, student, teacher):
+    """Prints each convolution kernel's time alone and the step's floor."""
+    rows, cache = [], {}
+    for model, role in ((student, "student"), (teacher, "teacher")):
+        for layer, in_shape, kernel, calls in conv_calls(model, args.pgd_steps, args.alpha,
+                                                         role == "teacher"):
+            out_shape = tuple(layer.output.shape[1:])
+            flops = 2 * args.batch * _size((None, *out_shape)) * kernel[0] * kernel[1] * kernel[2]
+            for kind, n in calls.items():
+                key = (kind, in_shape, tuple(kernel), layer.strides, layer.padding)
+                if key not in cache:
+                    cache[key] = time_kernel(tf, kind, args.batch, in_shape, kernel,
+                                             layer.strides, layer.padding, out_shape)
+                rows.append((role, layer.name, kind, in_shape, tuple(kernel), n, cache[key],
+                             flops))
+    print(f"{'model':8} {'layer':12} {'kernel':12} {'input':>13} {'filter':>16} "
+          f"{'calls':>5} {'us/call':>8} {'GFLOP/s':>8} {'ms/step':>8}")
+    total = 0.0
+    for role, name, kind, in_shape, kernel, n, sec, flops in rows:
+        total += n * sec
+        print(f"{role:8} {name:12} {kind:12} {'x'.join(map(str, in_shape)):>13} "
+              f"{'x'.join(map(str, kernel)):>16} {n:5d} {sec * 1e6:8.1f} "
+              f"{flops / sec / 1e9:8.1f} {n * sec * 1e3:8.2f}")
+    print(f"kernel floor: {total * 1e3:.1f} ms/step = at most {args.batch / total:.0f} img/s "
+          f"(convolution kernels alone, at batch {args.batch}, PGD-{args.pgd_steps}, "
+          f"alpha {args.alpha:g})")
+    return total
+
+
+def profile(tf, distiller, data, args):
+    """The op time of `args.steps_timed` fit steps by op type, from tf.profiler's
+    trace (the XPlane protobuf it writes; no TensorBoard plugin needed)."""
+    import collections
+    import glob
+    import tempfile
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    distiller.fit(data, epochs=1, steps_per_epoch=max(args.warmup, 1), verbose=0)
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        start = time.perf_counter()
+        distiller.fit(data, epochs=1, steps_per_epoch=args.steps_timed, verbose=0)
+        wall = (time.perf_counter() - start) / args.steps_timed
+        tf.profiler.experimental.stop()
+        space = xplane_pb2.XSpace()
+        with open(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[0], "rb") as f:
+            space.ParseFromString(f.read())
+    plane = next(p for p in space.planes if p.name == "/host:CPU")
+    by_type, calls = collections.Counter(), collections.Counter()
+    for line in plane.lines:
+        if not line.name.startswith("tf_Compute"):  # the executor's op threads
+            continue
+        for event in line.events:
+            name = plane.event_metadata[event.metadata_id].name
+            if ":" not in name or name.startswith("ExecutorState"):
+                continue  # the executor's own spans, which contain the ops
+            where = "PGD loop" if "/while/body" in name else "update"
+            key = (where, name.rsplit(":", 1)[1] + (" (gradient)" if "gradient_tape" in name
+                                                    else ""))
+            by_type[key] += event.duration_ps / 1e9 / args.steps_timed
+            calls[key] += 1 / args.steps_timed
+    total = sum(by_type.values())
+    conv = sum(v for (_, op), v in by_type.items() if "Conv2D" in op)
+    print(f"profiled step: {wall * 1e3:.1f} ms wall; op time {total:.1f} ms per step, of "
+          f"which convolutions {conv:.1f} ms ({conv / total:.0%}) and the rest "
+          f"{total - conv:.1f} ms ({(total - conv) / total:.0%})")
+    print(f"{'where':9} {'op':48} {'calls':>6} {'ms/step':>8} {'share':>6}")
+    for (where, op), ms in by_type.most_common(25):
+        print(f"{where:9} {op:48} {calls[(where, op)]:6.0f} {ms:8.2f} {ms / total:6.1%}")
 
 
 def cpu_snapshot():
@@ -220,6 +379,10 @@ def main():
         return compare(args, ardir_tf, keras, data, shape)
     distiller = build_distiller(ardir_tf, keras, args, args.method, shape)
     student, teacher = distiller.student, distiller.teacher
+    if args.kernel_floor:
+        return kernel_floor(tf, args, student, teacher)
+    if args.profile:
+        return profile(tf, distiller, data, args)
 
     times, marks = [], {}
 
