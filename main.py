@@ -132,11 +132,71 @@ def teacher_network(workdir, data):
     for the teacher phase to train (in place: the distiller built on it then
     distils the trained teacher)."""
     if FLAGS.teacher:
-        return load_model(FLAGS.teacher, "--teacher")
+        return given_teacher(data)
     if workdir.exists("teacher.keras") and resumes(workdir):
         return load_model(workdir.path("teacher.keras"))
     return once("teacher", lambda: build(FLAGS.teacher_arch, FLAGS.teacher_width,
                                          FLAGS.teacher_depth, data))
+
+
+def teacher_layers():
+    """The teacher's side of --layers, when the run's method reads them."""
+    if FLAGS.method == "ardir" and FLAGS.ir_weight > 0:
+        return [t for _, t in cli.layer_pairs()]
+    return []
+
+
+def given_teacher(data, **changes):
+    """--teacher: a .keras file as the Keras model, a SavedModel directory or an
+    .onnx file as an ardir_tf.teachers.Teacher returning the --layers' teacher
+    outputs (`changes` override the --teacher_* options, for the check's
+    diagnosis)."""
+    if FLAGS.teacher.endswith(".keras"):
+        return load_model(FLAGS.teacher, "--teacher")
+    from ardir_tf import teachers
+    def make():
+        return teachers.load(FLAGS.teacher, teacher_layers(), input_shape=data.input_shape,
+                             **{**cli.teacher_options(), **changes})
+    if changes:
+        return make()
+    try:
+        return once("given_teacher", make)
+    except teachers.TeacherError as err:
+        fail(f"--teacher: {err}")
+
+
+def teacher_io(teacher):
+    """(input shape, logits shape) of a Keras model or a teachers.Teacher."""
+    from ardir_tf import teachers
+    if isinstance(teacher, teachers.Teacher):
+        return teacher.input_shape, (teacher.num_classes,)
+    return tuple(teacher.inputs[0].shape[1:]), tuple(teacher.outputs[0].shape[1:])
+
+
+# How many test images the check of a given teacher scores it on.
+TEACHER_CHECK_EXAMPLES = 1000
+
+
+def check_given_teacher(teacher, data):
+    """Before any training: the given teacher's clean accuracy on up to 1,000
+    test images; near chance level the run stops, naming the likely cause."""
+    from ardir_tf import evaluate, teachers
+    x, y = evaluate.collect(data.test, TEACHER_CHECK_EXAMPLES)
+    retry = None
+    if isinstance(teacher, (teachers.SavedModelTeacher, teachers.OnnxTeacher)):
+        def retry(**changes):
+            return given_teacher(data, **changes)
+    try:
+        report = teachers.check(teacher if isinstance(teacher, teachers.Teacher) else
+                                teachers.KerasTeacher(teacher), x, y, data.num_classes,
+                                retry=retry)
+    except teachers.TeacherError as err:
+        fail(f"--teacher={FLAGS.teacher}: {err}")
+    described = (teacher.description if isinstance(teacher, teachers.Teacher) else
+                 f"Keras model {teacher.name!r}")
+    say(f"[teacher] checked {described}: "
+        f"clean accuracy {report['clean_accuracy']:.4f} on {report['n_examples']} test images")
+    BUILT["teacher_check"] = report
 
 
 def resumes(workdir):
@@ -155,6 +215,7 @@ def check_models(workdir, data):
     --layers naming layers the models lack, a --teacher for other data, shapes
     no adapter can bridge. Builds the teacher, the student and the distiller
     that the run then trains (nothing is built twice)."""
+    import keras
     from ardir_tf import models
     if FLAGS.mode != "distill":
         return
@@ -162,18 +223,22 @@ def check_models(workdir, data):
     # teacher is built (a fresh run) or loaded (a resumed one).
     student = once("student", lambda: build_student(data))
     teacher = teacher_network(workdir, data)
-    t_in, t_out = tuple(teacher.inputs[0].shape[1:]), tuple(teacher.outputs[0].shape[1:])
+    t_in, t_out = teacher_io(teacher)
     if t_in != tuple(data.input_shape) or t_out != (data.num_classes,):
         fail(f"--teacher takes {t_in} and gives {t_out}, but {data.name} has "
              f"{tuple(data.input_shape)} images and {data.num_classes} classes")
     if FLAGS.method == "ardir" and FLAGS.ir_weight > 0:
         pairs = cli.layer_pairs()
-        for role, model, names in (("student", student, [s for s, _ in pairs]),
-                                   ("teacher", teacher, [t for _, t in pairs])):
+        checked = [("student", student, [s for s, _ in pairs])]
+        if isinstance(teacher, keras.Model):  # a file teacher's outputs are checked at load
+            checked.append(("teacher", teacher, [t for _, t in pairs]))
+        for role, model, names in checked:
             try:
                 models.expose(model, names)  # a view of the built model: no new weights
             except ValueError as err:
                 fail(f"--layers: {role} {err}")
+    if FLAGS.teacher and FLAGS.check_teacher:
+        check_given_teacher(teacher, data)
     try:
         student_trainable(data, teacher)
     except ValueError as err:
@@ -251,8 +316,11 @@ def student_trainable(data, teacher):
 
 def teacher_model(workdir, data):
     if FLAGS.teacher:
+        if FLAGS.mode == "train_teacher" and not FLAGS.teacher.endswith(".keras"):
+            fail("--mode=train_teacher evaluates a --teacher given as .keras only; distil "
+                 "from a SavedModel or ONNX teacher with --mode=distill")
         say(f"[teacher] loading {FLAGS.teacher}")
-        return load_model(FLAGS.teacher, "--teacher")
+        return given_teacher(data)
     return phase(workdir, "teacher", data, FLAGS.teacher_epochs,
                  lambda: teacher_trainable(teacher_network(workdir, data)))
 
@@ -263,8 +331,18 @@ def evaluate_and_report(workdir, data, trained):
     from ardir_tf import evaluate, report
     attacks = evaluate.suite(FLAGS.attacks, FLAGS.eps, FLAGS.norm, steps=FLAGS.eval_steps,
                              step_size=FLAGS.step_size)
-    reports = {}
+    from ardir_tf import teachers
+    reports, unattacked = {}, {}
     for name, model in trained.items():
+        if isinstance(model, teachers.Teacher) and not model.differentiable:
+            # ONNX Runtime gives no input gradients, so no gradient attack can
+            # run on it: its entry is the pre-training check's clean accuracy.
+            unattacked[name] = dict(
+                BUILT.get("teacher_check", {}), pgd_accuracy=None, teacher=model.description,
+                not_attacked="an ONNX teacher runs on ONNX Runtime, which computes no "
+                             "input gradients; evaluate it where it was trained")
+            say(f"[evaluate] {name}: not attacked ({unattacked[name]['not_attacked']})")
+            continue
         say(f"[evaluate] {name}: {', '.join(attacks)} at {FLAGS.norm} eps {FLAGS.eps:.4g}, "
             "then the sanity checks")
         reports[name] = evaluate.evaluate(
@@ -281,6 +359,10 @@ def evaluate_and_report(workdir, data, trained):
             # Another threat model: kept beside the run's own numbers, not over them.
             name = f"{name}@{result['norm']}-{result['eps']:g}"
         metrics[name] = result
+    for name, entry in unattacked.items():
+        metrics[name] = entry
+    if FLAGS.teacher and "teacher" in reports and "teacher_check" in BUILT:
+        metrics["teacher"]["pre_training_check"] = BUILT["teacher_check"]
     workdir.write_json("metrics.json", metrics)
     plot = report.plot_eps(reports, workdir.path(f"robustness-{FLAGS.norm}-{FLAGS.eps:g}.png"))
     say("\n" + report.format_table(reports))

@@ -8,6 +8,8 @@ Where each concept lives:
                  trades, ard, rslad, ardir (the objective: docs/objective.md)
     distill      ARDIRDistiller: teacher + student, adversarial train_step;
                  LayerPair(student=..., teacher=...)
+    teachers     frozen teachers from .keras, SavedModel and ONNX files, and
+                 the pre-training check of their accuracy
     adversarial  AdversarialTrainer: robust teachers (PGD-AT, TRADES) and the
                  natural baseline
     data         digits (embedded), tfds sets, user .npz; tf.data pipelines
@@ -25,10 +27,10 @@ TensorFlow is imported to quieten its C++ start-up lines.
 """
 
 from ardir_tf import attacks, data, distribute, evaluate, losses, models
-from ardir_tf import report, sanity, training, workdir
+from ardir_tf import report, sanity, teachers, training, workdir
 from ardir_tf.adversarial import AdversarialTrainer
 from ardir_tf.distill import ARDIRDistiller, LayerPair
 
 __all__ = ["attacks", "data", "distribute", "evaluate", "losses", "models", "report",
-           "sanity", "training", "workdir", "AdversarialTrainer", "ARDIRDistiller",
+           "sanity", "teachers", "training", "workdir", "AdversarialTrainer", "ARDIRDistiller",
            "LayerPair"]

@@ -24,7 +24,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from ardir_tf import losses
+from ardir_tf import losses, teachers
 from ardir_tf.keras_compat import UnsavedAttributesMixin
 from ardir_tf.models import expose
 from ardir_tf.robust_model import RobustModel, check_logits_model
@@ -40,6 +40,10 @@ ATTACK_OBJECTIVES = ("ce", "kl", "ardir")
 
 def _feature_shape(view, name):
     return tuple(view.output[name].shape[1:])
+
+
+def _is_keras_model(value):
+    return isinstance(value, keras.Model)
 
 
 def build_adapter(student_shape, teacher_shape, name):
@@ -106,8 +110,11 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
     """Distils a robust teacher into a student on adversarial examples.
 
     Args:
-      teacher: a trained keras.Model (pixels -> logits); frozen, always run in
-        inference mode.
+      teacher: the frozen teacher, always run in inference mode: a trained
+        keras.Model (pixels -> logits), an `ardir_tf.teachers.Teacher` (a
+        SavedModel or ONNX model from `teachers.load`, loaded with the teacher
+        layers of `layers`), or any callable x -> {"logits": ..., name: ...}
+        returning the named representations in NHWC.
       student: the keras.Model to train (same input shape and classes).
       layers: the layer pairs whose representations the IR term matches
         (method "ardir"): `LayerPair(student=..., teacher=...)`, dicts
@@ -158,7 +165,8 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
         if attack is None:
             raise ValueError("attack is required, e.g. ardir_tf.attacks.PGD(eps=8/255, "
                              "step_size=2/255, steps=10)")
-        check_logits_model(teacher, "teacher")
+        if _is_keras_model(teacher) or isinstance(teacher, str):
+            check_logits_model(teacher, "teacher")
         check_logits_model(student, "student")
         alpha = DEFAULT_ALPHA[method] if alpha is None else alpha
         if attack_objective is None:
@@ -205,13 +213,16 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
         self.pairs = pairs
 
         self._views.student = expose(student, [p.student for p in self.pairs])
-        self._views.teacher = expose(teacher, [p.teacher for p in self.pairs])
-        s_in, t_in = self._views.student.input.shape, self._views.teacher.input.shape
-        if tuple(s_in[1:]) != tuple(t_in[1:]):
+        s_in = tuple(self._views.student.input.shape[1:])
+        # Every teacher becomes a frozen function x -> {"logits", name: NHWC}.
+        self._views.teacher = teachers.as_teacher(teacher, [p.teacher for p in self.pairs],
+                                                  input_shape=s_in)
+        t_in = self._views.teacher.input_shape
+        if s_in != t_in:
             raise ValueError(f"teacher and student must take the same input; teacher "
-                             f"takes {tuple(t_in[1:])}, student {tuple(s_in[1:])}")
+                             f"takes {t_in}, student {s_in}")
         s_out = _feature_shape(self._views.student, "logits")
-        t_out = _feature_shape(self._views.teacher, "logits")
+        t_out = self._views.teacher.shapes["logits"]
         if s_out != t_out:
             raise ValueError(f"teacher and student must have the same classes; teacher "
                              f"logits have shape {t_out}, student {s_out}")
@@ -219,7 +230,7 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
         for i, pair in enumerate(self.pairs if self.ir_weight > 0 else ()):
             s, t = pair.student, pair.teacher
             s_shape = _feature_shape(self._views.student, s)
-            t_shape = _feature_shape(self._views.teacher, t)
+            t_shape = self._views.teacher.shapes[t]
             if s_shape == t_shape:
                 self.adapters.append(None)
             elif not adapters:
@@ -244,8 +255,20 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
 
     @property
     def teacher(self):
-        """The frozen teacher (not among the distiller's weights)."""
+        """The frozen teacher as given (not among the distiller's weights)."""
         return self._views.teacher_model
+
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
+        """As `RobustModel.compile`. An ONNX teacher runs in Python (ONNX Runtime
+        through tf.numpy_function), which XLA cannot compile: `jit_compile=True`
+        is refused with one, and Keras' "auto" means off."""
+        if self._views.teacher.kind == "onnx":
+            if kwargs.get("jit_compile") is True:
+                raise ValueError("jit_compile=True cannot compile a step that runs an ONNX "
+                                 "teacher (ONNX Runtime runs outside the graph); drop it, or "
+                                 "give the teacher as a SavedModel or Keras model")
+            kwargs["jit_compile"] = False
+        super().compile(optimizer, loss, metrics, **kwargs)
 
     @staticmethod
     def _has_clean_term(method, alpha):

@@ -60,9 +60,9 @@ def plot_eps(reports, path):
     if threat:
         ax.axvline(threat[0], color="grey", linestyle=":", label=f"eps = {threat[0]:.4g}")
         ax.set_xlabel(f"eps ({threat[1]})")
+        ax.legend()
     ax.set_ylabel("accuracy under PGD-20")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     return path

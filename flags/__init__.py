@@ -9,7 +9,8 @@ import os
 
 from absl import flags
 
-from ardir_tf import adversarial, data, distill, distribute, evaluate, losses, models, training
+from ardir_tf import (adversarial, data, distill, distribute, evaluate, losses, models,
+                      teachers, training)
 from export import artifacts
 
 FLAGS = flags.FLAGS
@@ -89,8 +90,24 @@ def define_flags():
     flags.DEFINE_boolean("augment", True, "Random crops and flips on tfds training data.")
     # Models.
     archs = list(models.BUILDERS)
-    flags.DEFINE_string("teacher", None, "A trained teacher (.keras). None: train one "
-                        "(or reuse <workdir>/teacher.keras).")
+    flags.DEFINE_string("teacher", None, "A trained teacher: a .keras file, a TensorFlow "
+                        "SavedModel directory or an .onnx file (e.g. a PyTorch model "
+                        "exported with torch.onnx.export). None: train one (or reuse "
+                        "<workdir>/teacher.keras).")
+    flags.DEFINE_boolean("check_teacher", True, "Before training, score a --teacher on up "
+                         "to 1,000 test images and stop when it is near chance level (wrong "
+                         "layout, scaling or class order); --nocheck_teacher skips it.")
+    flags.DEFINE_enum("teacher_layout", "auto", list(teachers.LAYOUTS),
+                      "Layout of a SavedModel or ONNX --teacher's input: auto (read from its "
+                      "input shape when the data tell NHWC from NCHW), nhwc, or nchw "
+                      "(PyTorch exports).")
+    flags.DEFINE_float("teacher_input_scale", 1.0, "A SavedModel or ONNX --teacher is fed "
+                       "(pixels * this - --teacher_mean) / --teacher_std; our pixels are in "
+                       "[0, 1], so 255 for a model trained on 0-255 images.")
+    flags.DEFINE_list("teacher_mean", None, "Per-channel mean the --teacher subtracts after "
+                      "--teacher_input_scale (one value, or one per channel). None: 0.")
+    flags.DEFINE_list("teacher_std", None, "Per-channel std the --teacher divides by (one "
+                      "value, or one per channel). None: 1.")
     flags.DEFINE_enum("teacher_arch", "small_cnn", archs, "Architecture of a teacher to train.")
     flags.DEFINE_integer("teacher_width", 32, "Width of the teacher (small_cnn, resnets: "
                          "channels of the first stage; wide_resnet: widening factor; "
@@ -202,8 +219,15 @@ def define_flags():
     _check("student_width", lambda v: v >= 1, "must be >= 1")
     _check("dataset", _valid_dataset, f"must be one of {', '.join(data.NAMES)} "
            "(npz:PATH naming an existing file)")
-    _check("teacher", lambda v: v is None or (v.endswith(".keras") and os.path.isfile(v)),
-           "must name an existing .keras file")
+    _check("teacher", lambda v: v is None or (v.endswith((".keras", ".onnx")) and os.path.isfile(v))
+           or teachers.is_saved_model(v),
+           "must name an existing .keras file, SavedModel directory (holding saved_model.pb) "
+           "or .onnx file")
+    _check("teacher_input_scale", lambda v: v > 0, "must be > 0")
+    _check("teacher_mean", lambda v: v is None or all(_is_number(t) for t in v),
+           "must be numbers, e.g. 0.4914,0.4822,0.4465")
+    _check("teacher_std", lambda v: v is None or all(_is_number(t) and float(t) > 0 for t in v),
+           "must be numbers > 0, e.g. 0.2471,0.2435,0.2616")
     _check("layers", lambda v: all(len(p) == 2 and all(p) for p in _layer_pairs(v)),
            "must be student_layer:teacher_layer pairs, e.g. stage2:stage2,stage3:stage3")
     _check("decay_at", lambda v: all(_is_fraction(s) for s in v),
@@ -226,6 +250,14 @@ def define_flags():
     flags.register_multi_flags_validator(
         ["batch_size", "devices"], lambda f: f["batch_size"] % f["devices"] == 0,
         message="--batch_size must be a multiple of --devices (each replica gets an equal share)")
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _is_fraction(text):
@@ -255,6 +287,14 @@ def adopt_run_settings(saved):
             FLAGS[name].value = saved[name]
 
 
+def teacher_options():
+    """The SavedModel/ONNX --teacher options as teachers.load's keyword arguments."""
+    def floats(values):
+        return None if values is None else [float(v) for v in values]
+    return dict(layout=FLAGS.teacher_layout, input_scale=FLAGS.teacher_input_scale,
+                mean=floats(FLAGS.teacher_mean), std=floats(FLAGS.teacher_std))
+
+
 def layer_pairs():
     """--layers as [(student_layer, teacher_layer), ...]."""
     return _layer_pairs(FLAGS.layers)
@@ -267,6 +307,12 @@ def settings():
     skip = {"verbose", "overwrite", "eval_examples", "sanity_examples", "export_dir", "download", "data_dir",
             "attacks", "sequential_attacks", "opset", "parity_examples", "onnx_path", "host",
             "port", "max_batch", "max_body_mb", "batch_delay_ms", "strategy", "num_workers",
-            "jit_compile"}
+            "jit_compile", "check_teacher"}
     own = FLAGS.flags_by_module_dict()[__name__]
-    return {f.name: f.value for f in own if f.name not in skip}
+    return {f.name: f.value for f in own if f.name not in skip
+            and not (f.name in ONLY_WHEN_SET and f.value == f.default)}
+
+
+# Recorded in flags.json only when set away from their default, so that a run
+# written before they existed still resumes (its flags.json lacks them).
+ONLY_WHEN_SET = ("teacher_layout", "teacher_input_scale", "teacher_mean", "teacher_std")

@@ -51,6 +51,18 @@ def trained():
     return out
 
 
+@pytest.fixture(scope="session")
+def mirrored():
+    """One MirroredStrategy over the two logical CPUs, shared by every test of a
+    process: a second MirroredStrategy over the same devices in one process
+    reuses the first one's collective instance keys, and its all-reduces then
+    fail with "Shape mismatch in the collective instance" (TF 2.21; measured:
+    two strategies, two distillers, fails; one strategy, the same two, passes)."""
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    assert strategy.num_replicas_in_sync == 2
+    return strategy
+
+
 def tiny_pair(teacher_width=8, student_width=4, **build):
     """A small teacher and student on 8x8x1 inputs."""
     teacher = ardir_tf.models.build("small_cnn", (8, 8, 1), 10, width=teacher_width, **build)

@@ -13,7 +13,7 @@ import types
 import numpy as np
 import pytest
 
-from conftest import write_npz
+from conftest import DIGITS_RUN, write_npz
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MAIN = str(ROOT / "main.py")
@@ -180,14 +180,6 @@ def test_overwrite_trains_a_new_teacher_never_the_old_runs(digits_run, tmp_path)
     assert set(metrics(tmp_path)) == {"teacher", "student"}
 
 
-def test_distill_with_a_given_teacher_and_rslad(digits_run, tmp_path):
-    workdir, _ = digits_run
-    proc = ok(run(f"--teacher={workdir / 'teacher.keras'}", "--method=rslad",
-                  "--natural_epochs=0", f"--workdir={tmp_path}"))
-    assert "[teacher] loading" in proc.stdout
-    assert set(metrics(tmp_path)) == {"teacher", "student"}
-
-
 def test_every_mode_on_mocked_tfds_cifar10(tmp_path):
     """distill, evaluate, export and train_teacher (TRADES) on the tfds path."""
     workdir = f"--workdir={tmp_path / 'distill'}"
@@ -326,10 +318,35 @@ def bad_runs(tmp_path_factory, digits_run):
     corrupt.write_text("not a model")
     mnist_teacher = root / "mnist.keras"
     import ardir_tf
-    ardir_tf.models.build("small_cnn", (28, 28, 1), 10, width=2).save(mnist_teacher)
+    import keras
+    from teacher_files import onnx_teacher
+    mnist_model = ardir_tf.models.build("small_cnn", (28, 28, 1), 10, width=2)
+    mnist_model.save(mnist_teacher)
+    (root / "corrupt.onnx").write_text("not a model")
+    digits_teacher = keras.models.load_model(DIGITS_RUN / "teacher.keras")
+    onnx = {"mnist": onnx_teacher(mnist_model, root / "mnist.onnx"),
+            "five": onnx_teacher(digits_teacher, root / "five.onnx", classes=5),
+            "stage2": onnx_teacher(digits_teacher, root / "stage2.onnx", ["stage2"]),
+            "255": onnx_teacher(digits_teacher, root / "255.onnx", ["stage2"],
+                                expects_255=True)}
     cases = dict(BAD, npz_keys=([f"--dataset={npz}"], "missing key(s) y_test"),
                  teacher_corrupt=([f"--teacher={corrupt}"], "cannot load it as a Keras model"),
                  teacher_shape=([f"--teacher={mnist_teacher}"], "--teacher takes (28, 28, 1)"),
+                 onnx_missing=(["--teacher=/no/teacher.onnx"],
+                               "--teacher: must name an existing .keras file, SavedModel"),
+                 onnx_corrupt=([f"--teacher={root / 'corrupt.onnx'}"],
+                               "cannot load it as an ONNX model"),
+                 onnx_shape=([f"--teacher={onnx['mnist']}"],
+                             "takes images of shape 28x28x1, but the data's are 8x8x1"),
+                 onnx_classes=([f"--teacher={onnx['five']}", "--method=ard"],
+                               "--teacher takes (8, 8, 1) and gives (5,)"),
+                 onnx_layers=([f"--teacher={onnx['stage2']}", "--layers=stage2:stage9"],
+                              "has no output 'stage9'; it has logits, stage2"),
+                 onnx_scaling=([f"--teacher={onnx['255']}"],
+                               "near chance (0.100); likely cause: it expects 0-255 pixels: "
+                               "input_scale=255 (--teacher_input_scale=255)"),
+                 onnx_scale_flag=(["--teacher_input_scale=0"], "--teacher_input_scale: must be > 0"),
+                 onnx_std_flag=(["--teacher_std=0.5,x"], "--teacher_std: must be numbers > 0"),
                  tfds_unprepared=(["--dataset=cifar10", f"--data_dir={root / 'empty'}"],
                                   "not prepared"),
                  another_run=([f"--workdir={run_dir}", "--eps=0.1"], "holds another run"),
@@ -362,8 +379,13 @@ def test_the_harness_sees_what_a_fresh_process_sees(bad_runs):
         (harness.returncode, harness.stderr.strip().splitlines()[-2:])
 
 
+TEACHER_FILES = ["onnx_missing", "onnx_corrupt", "onnx_shape", "onnx_classes", "onnx_layers",
+                 "onnx_scaling", "onnx_scale_flag", "onnx_std_flag"]
+
+
 @pytest.mark.parametrize("case", [*BAD, "npz_keys", "teacher_corrupt", "teacher_shape",
-                                  "tfds_unprepared", "another_run", "not_a_run"])
+                                  "tfds_unprepared", "another_run", "not_a_run",
+                                  *TEACHER_FILES])
 def test_bad_flag_gets_a_one_line_message(bad_runs, case):
     proc, message = bad_runs[case]
     assert proc.returncode != 0
@@ -372,6 +394,57 @@ def test_bad_flag_gets_a_one_line_message(bad_runs, case):
     hit = [l for l in lines if message in l]
     assert hit, proc.stderr[-3000:]
     assert len(lines) <= 2, lines  # the message, and absl's pointer to --helpshort
+
+
+def test_the_committed_default_run_is_still_this_commands_run():
+    """The default command's settings equal those the committed run recorded
+    (tests/data/digits_run, written by an older version): a flag added since
+    must not turn a user's finished run into "another run" on resume."""
+    code = ("import json, sys\n"
+            f"sys.path.insert(0, {str(ROOT)!r})\n"
+            "import main\n"
+            "main.FLAGS(['main.py', '--workdir=/tmp/defrun'])\n"
+            "print(json.dumps(main.cli.settings()))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recorded = json.loads((DIGITS_RUN / "flags.json").read_text())
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == recorded
+
+
+def test_a_teacher_at_chance_stops_the_run_before_anything_is_written(bad_runs):
+    proc, _ = bad_runs["onnx_scaling"]
+    assert proc.returncode == 2 and "it then scores 0.9" in proc.stderr
+    assert not proc.workdir.exists()
+    assert "[student]" not in proc.stdout
+
+
+def test_distill_from_an_nchw_onnx_teacher(tmp_path):
+    """A PyTorch-style export (NCHW, stage2 as a graph output) distils through
+    main.py, attacked with RSLAD's KL objective (the teacher's clean softmax);
+    its entry in metrics.json is the pre-training check's. (A .keras --teacher
+    runs through main.py in tests/test_distribute.py.)"""
+    import hashlib
+    import keras
+    from teacher_files import onnx_teacher
+    path = onnx_teacher(keras.models.load_model(DIGITS_RUN / "teacher.keras"),
+                        tmp_path / "teacher.onnx", ["stage2"], nchw=True)
+    digest = hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+    workdir = tmp_path / "run"
+    proc = ok(run(f"--teacher={path}", "--layers=stage2:stage2", "--attack_objective=kl",
+                  "--natural_epochs=0", f"--workdir={workdir}"))
+    assert "[teacher] loading" in proc.stdout
+    assert "CPUExecutionProvider; NCHW)" in proc.stdout and "clean accuracy 0.9" in proc.stdout
+    report = metrics(workdir)
+    assert set(report) == {"teacher", "student"}
+    assert report["teacher"]["clean_accuracy"] > 0.9 and report["teacher"]["n_examples"] == 360
+    assert report["teacher"]["pgd_accuracy"] is None and "gradients" in \
+        report["teacher"]["not_attacked"]
+    assert "robust_accuracy" in report["student"]
+    assert (workdir / "student.keras").exists() and not (workdir / "teacher.keras").exists()
+    assert hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest() == digest
+    history = (workdir / "history.csv").read_text()
+    assert "student,1,ir," in history
 
 
 def test_main_turns_onednn_on_unless_the_user_chose():

@@ -318,14 +318,11 @@ def build_distiller(ardir_tf, keras, args, method, shape):
     return distiller
 
 
-def compare(args, ardir_tf, keras, data, shape):
-    """Each method's step timed in alternating blocks in this one process."""
-    methods = [m.strip() for m in args.compare.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ("ard", "ardir")]
-    if len(methods) < 2 or bad:
-        raise SystemExit(f"--compare takes two or more of ard, ardir; got {args.compare!r}")
-    distillers = {m: build_distiller(ardir_tf, keras, args, m, shape) for m in methods}
-    times = {m: [] for m in methods}
+def alternate(keras, trainers, data, warmup, steps, rounds):
+    """{name: [seconds of each step]} of `fit` on each trainer, in `rounds`
+    alternating blocks of `steps` steps (after `warmup` steps each), so that the
+    machine's drift falls on every set-up alike."""
+    times = {name: [] for name in trainers}
 
     class Clock(keras.callbacks.Callback):
         def __init__(self, sink):
@@ -336,15 +333,26 @@ def compare(args, ardir_tf, keras, data, shape):
             self.t = time.perf_counter()
 
         def on_train_batch_end(self, batch, logs=None):
-            float(logs["loss"])
+            float(logs["loss"])  # the step is done when its loss is read
             self.sink.append(time.perf_counter() - self.t)
 
-    for m in methods:  # trace and warm up
-        distillers[m].fit(data, epochs=1, steps_per_epoch=max(args.warmup, 1), verbose=0)
-    for _ in range(args.rounds):
-        for m in methods:
-            distillers[m].fit(data, epochs=1, steps_per_epoch=args.steps_timed,
-                              callbacks=[Clock(times[m])], verbose=0)
+    for trainer in trainers.values():  # trace and warm up
+        trainer.fit(data, epochs=1, steps_per_epoch=max(warmup, 1), verbose=0)
+    for _ in range(rounds):
+        for name, trainer in trainers.items():
+            trainer.fit(data, epochs=1, steps_per_epoch=steps, callbacks=[Clock(times[name])],
+                        verbose=0)
+    return times
+
+
+def compare(args, ardir_tf, keras, data, shape):
+    """Each method's step timed in alternating blocks in this one process."""
+    methods = [m.strip() for m in args.compare.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ("ard", "ardir")]
+    if len(methods) < 2 or bad:
+        raise SystemExit(f"--compare takes two or more of ard, ardir; got {args.compare!r}")
+    distillers = {m: build_distiller(ardir_tf, keras, args, m, shape) for m in methods}
+    times = alternate(keras, distillers, data, args.warmup, args.steps_timed, args.rounds)
     first = statistics.median(times[methods[0]])
     for m in methods:
         median = statistics.median(times[m])

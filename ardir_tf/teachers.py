@@ -1,0 +1,508 @@
+"""Frozen teachers from files: Keras, TensorFlow SavedModel and ONNX.
+
+A teacher only ever runs forward, on the clean batch, in inference mode: the
+distiller needs its logits and the representations it names, never a gradient
+through it. So a teacher here is a frozen function of [0, 1] pixels in NHWC,
+
+    teacher(x) -> {"logits": [B, K], name: [B, ...], ...}
+
+with its representations in NHWC (feature maps [B, H, W, C], vectors [B, C]),
+whatever the layout of the model behind it, so that adapters and the IR term
+work unchanged. `load(path, layers)` gives one for
+
+- a `.keras` file (the named layers are Keras layers, read through
+  `models.expose`);
+- a TensorFlow SavedModel directory: a signature (default `serving_default`,
+  else `serve`) with one image input and a dict of outputs holding `logits`
+  (else its only output is the logits); `layers` name further outputs;
+- an `.onnx` file, run by ONNX Runtime inside the training graph
+  (`tf.numpy_function`, with the output shapes made static from one probe
+  run): the output named `logits` (else the first output) gives the logits,
+  `layers` name further graph outputs. It works in `fit`, under `tf.function`
+  and under MirroredStrategy; not under XLA (`jit_compile=True`), which cannot
+  call back into Python. ONNX Runtime computes no input gradients, so an ONNX
+  teacher cannot be attacked with PGD (`differentiable` is False).
+
+PyTorch exports are NCHW. `layout="auto"` reads the layout from the model's
+input shape when the data's (H, W, C) tells it apart ([C, H, W] or [H, W, C]),
+and raises otherwise; `layout="nchw"` or `"nhwc"` says it. Our pixels are in
+[0, 1]; a teacher that expects other inputs gets `(x * input_scale - mean) /
+std` (per channel) computed in the graph before it, never a guessed scaling.
+`check(teacher, x, y)` measures the teacher's clean accuracy before any
+training and, near chance level, names the likely cause.
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+LAYOUTS = ("auto", "nhwc", "nchw")
+SAVED_MODEL_SIGNATURES = ("serving_default", "serve")
+
+
+class TeacherError(ValueError):
+    """A teacher that cannot be loaded or cannot serve these data."""
+
+
+class Teacher:
+    """A frozen function of [0, 1] NHWC pixels to {"logits", name: ...} (NHWC).
+
+    Attributes:
+      kind: "keras", "saved_model", "onnx" or "callable".
+      source: where it came from (a path, or the callable's name).
+      input_shape: (H, W, C) of the pixels it takes.
+      num_classes: K, the logits' width.
+      layers: the names of the representations it returns besides "logits".
+      shapes: {name: shape without the batch dimension}, "logits" included.
+      differentiable: whether gradients flow through it (PGD can attack it).
+      available: every name `layers` could have asked for.
+      description: one line for the log (file, runtime, layout, scaling).
+    """
+
+    kind = "callable"
+    differentiable = True
+
+    def __init__(self, fn, input_shape, layers=(), source=None, available=None):
+        self._fn = fn
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.layers = tuple(layers)
+        self.source = source or getattr(fn, "__name__", type(fn).__name__)
+        self.available = tuple(available) if available is not None else None
+        self.shapes = self._probe()
+        if "logits" not in self.shapes or len(self.shapes["logits"]) != 1:
+            raise TeacherError(f"teacher {self.source}: needs 'logits' of shape [batch, "
+                               f"classes]; got {self.shapes}")
+        self.num_classes = int(self.shapes["logits"][0])
+        if not hasattr(self, "description"):
+            self.description = f"{self.kind} teacher {self.source}"
+
+    def _probe(self):
+        out = self._fn(tf.zeros([2, *self.input_shape], tf.float32))
+        if not isinstance(out, dict):
+            raise TeacherError(f"teacher {self.source}: returns {type(out).__name__}; a "
+                               "teacher returns a dict {'logits': ..., layer: ...}")
+        missing = [n for n in self.layers if n not in out]
+        if missing:
+            raise TeacherError(f"teacher {self.source}: has no output "
+                               f"{', '.join(map(repr, missing))}; it has "
+                               f"{', '.join(self.available or out)}")
+        return {n: tuple(int(d) for d in out[n].shape[1:]) for n in ("logits", *self.layers)
+                if n in out}
+
+    def __call__(self, x, training=False):
+        """The outputs on pixels `x` [B, H, W, C] (`training` is ignored: a
+        teacher always runs in inference mode)."""
+        out = self._fn(tf.cast(x, tf.float32))
+        return {n: tf.cast(out[n], tf.float32) for n in ("logits", *self.layers)}
+
+    def logits(self, x, training=False):
+        return self(x)["logits"]
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.description}>"
+
+
+class KerasTeacher(Teacher):
+    """A keras.Model (pixels -> logits) with named layers read through `expose`."""
+
+    kind = "keras"
+
+    def __init__(self, model, layers=(), source=None):
+        from ardir_tf import models
+        self.model = model
+        try:
+            self.view = models.expose(model, list(layers))
+        except ValueError as err:
+            raise TeacherError(str(err)) from None
+        self.description = f"Keras model {model.name!r}" + (f" from {source}" if source else "")
+        super().__init__(lambda x: self.view(x, training=False),
+                         self.view.input.shape[1:], layers, source or model.name)
+
+    def _probe(self):  # the symbolic outputs say it without running the model
+        return {n: tuple(int(d) for d in self.view.output[n].shape[1:])
+                for n in ("logits", *self.layers)}
+
+    def __call__(self, x, training=False):
+        return self.view(x, training=False)
+
+
+class _Preprocessing:
+    """[0, 1] NHWC pixels -> what the model takes: scaled, normalised, transposed."""
+
+    def __init__(self, input_scale=1.0, mean=None, std=None, channels=None, layout="nhwc"):
+        if isinstance(input_scale, bool) or not isinstance(input_scale, (int, float)) \
+                or not input_scale > 0:
+            raise TeacherError(f"input_scale must be a number > 0, got {input_scale!r}")
+        self.input_scale = float(input_scale)
+        self.mean = self._per_channel("mean", mean, 0.0, channels)
+        self.std = self._per_channel("std", std, 1.0, channels)
+        if np.any(self.std <= 0):
+            raise TeacherError(f"std must be > 0, got {list(self.std)}")
+        self.layout = layout
+
+    @staticmethod
+    def _per_channel(name, value, default, channels):
+        if value is None:
+            return np.full([channels], default, np.float32)
+        values = np.atleast_1d(np.asarray(value, np.float32))
+        if values.size == 1:
+            values = np.full([channels], values[0], np.float32)
+        if values.size != channels:
+            raise TeacherError(f"{name} needs 1 or {channels} values (one per channel), "
+                               f"got {list(values)}")
+        return values
+
+    @property
+    def identity(self):
+        return self.input_scale == 1 and not self.mean.any() and np.all(self.std == 1)
+
+    def __call__(self, x):
+        if not self.identity:
+            x = (x * self.input_scale - self.mean) / self.std
+        return tf.transpose(x, [0, 3, 1, 2]) if self.layout == "nchw" else x
+
+    def describe(self):
+        parts = [self.layout.upper()]
+        if self.input_scale != 1:
+            parts.append(f"pixels x {self.input_scale:g}")
+        if self.mean.any() or np.any(self.std != 1):
+            parts.append(f"mean {list(map(float, self.mean))}, std {list(map(float, self.std))}")
+        return ", ".join(parts)
+
+
+def _layout(given, model_dims, data_shape, source):
+    """'nhwc' or 'nchw' from the model's input dims [H?, W?, C?] (ints or None)
+    and the data's (H, W, C)."""
+    if given not in LAYOUTS:
+        raise TeacherError(f"layout must be one of {', '.join(LAYOUTS)}, got {given!r}")
+    h, w, c = data_shape
+    dims = [d if isinstance(d, int) and d > 0 else None for d in model_dims]
+    if len(dims) != 3:
+        raise TeacherError(f"teacher {source} takes inputs of rank {len(dims) + 1}; an image "
+                           f"classifier takes [batch, H, W, C] or [batch, C, H, W]")
+
+    def fits(want):
+        return all(d is None or d == v for d, v in zip(dims, want))
+    nhwc, nchw = fits((h, w, c)), fits((c, h, w))
+    if given == "auto":
+        if nhwc and not nchw:
+            return "nhwc"
+        if nchw and not nhwc:
+            return "nchw"
+        if not nhwc and not nchw:
+            raise TeacherError(f"teacher {source} takes images of shape {_dims(dims)}, but the "
+                               f"data's are {h}x{w}x{c} (as NHWC) or {c}x{h}x{w} (as NCHW)")
+        raise TeacherError(f"teacher {source} takes {_dims(dims)}, which could be NHWC or NCHW "
+                           "for these data: say which (layout='nchw' for PyTorch exports, "
+                           "--teacher_layout)")
+    if not (nhwc if given == "nhwc" else nchw):
+        want = (h, w, c) if given == "nhwc" else (c, h, w)
+        raise TeacherError(f"teacher {source} takes {_dims(dims)}; as {given.upper()} these "
+                           f"data would be {_dims(want)}")
+    return given
+
+
+def _dims(dims):
+    return "x".join("?" if d is None else str(d) for d in dims)
+
+
+def _to_nhwc(value, layout):
+    if layout == "nchw" and value.shape.rank == 4:
+        return tf.transpose(value, [0, 2, 3, 1])
+    return value
+
+
+def _load_outside_strategy(path):
+    """tf.saved_model.load with plain variables, even inside a strategy's scope.
+
+    Loaded inside a MirroredStrategy scope, a SavedModel's variables become
+    distributed and its functions callable only in replica context, so the
+    eager calls a teacher gets (the probe, the pre-training check, the
+    evaluation) would fail. A strategy's scope belongs to the thread that
+    entered it: loaded on a fresh thread, the teacher's variables are plain ones
+    that every replica reads (a frozen teacher needs no copy per replica)."""
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(tf.saved_model.load, path).result()
+
+
+class SavedModelTeacher(Teacher):
+    """A TensorFlow SavedModel signature as a teacher (see the module doc)."""
+
+    kind = "saved_model"
+
+    def __init__(self, path, input_shape, layers=(), layout="auto", input_scale=1.0,
+                 mean=None, std=None, signature=None):
+        try:
+            self.loaded = _load_outside_strategy(path)
+        except Exception as err:  # TF raises several kinds for a bad directory
+            raise TeacherError(f"{path}: cannot load it as a SavedModel: "
+                               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                               ) from None
+        names = list(self.loaded.signatures.keys())
+        wanted = [signature] if signature else [s for s in SAVED_MODEL_SIGNATURES if s in names]
+        if not wanted or wanted[0] not in names:
+            raise TeacherError(f"{path}: no signature {signature or ' or '.join(SAVED_MODEL_SIGNATURES)}; "
+                               f"it has {', '.join(names) or 'none'}")
+        self.signature = wanted[0]
+        fn = self.loaded.signatures[self.signature]
+        _, kwargs = fn.structured_input_signature
+        if len(kwargs) != 1:
+            raise TeacherError(f"{path}: signature {self.signature!r} takes inputs "
+                               f"{', '.join(kwargs)}; a teacher takes one image tensor")
+        (self.input_name, spec), = kwargs.items()
+        self.layout = _layout(layout, list(spec.shape[1:]), tuple(input_shape), path)
+        outputs = list(fn.structured_outputs)
+        self.logits_name = "logits" if "logits" in outputs else (
+            outputs[0] if len(outputs) == 1 else None)
+        if self.logits_name is None:
+            raise TeacherError(f"{path}: signature {self.signature!r} has outputs "
+                               f"{', '.join(outputs)}, none named 'logits'")
+        missing = [n for n in layers if n not in outputs]
+        if missing:
+            raise TeacherError(f"{path}: signature {self.signature!r} has no output "
+                               f"{', '.join(map(repr, missing))}; it has {', '.join(outputs)}")
+        self.prep = _Preprocessing(input_scale, mean, std, input_shape[-1], self.layout)
+        self.description = (f"SavedModel {path} (signature {self.signature!r}, "
+                            f"{self.prep.describe()})")
+
+        def run(x):
+            out = fn(**{self.input_name: self.prep(x)})
+            res = {"logits": out[self.logits_name]}
+            res.update({n: _to_nhwc(out[n], self.layout) for n in layers})
+            return res
+        super().__init__(run, input_shape, layers, path, available=outputs)
+
+
+def onnx_providers():
+    """ONNX Runtime's execution providers for a teacher: CUDA when this
+    onnxruntime has it, then the CPU."""
+    import onnxruntime
+    available = onnxruntime.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OnnxTeacher(Teacher):
+    """An ONNX model run by ONNX Runtime inside the graph (see the module doc)."""
+
+    kind = "onnx"
+    differentiable = False
+
+    def __init__(self, path, input_shape, layers=(), layout="auto", input_scale=1.0,
+                 mean=None, std=None, providers=None):
+        import onnxruntime
+        options = onnxruntime.SessionOptions()
+        # ONNX Runtime's threads spin after each run, waiting for the next one;
+        # inside a training step that time is taken from TensorFlow's own
+        # threads (measured on digits: the step 11.5 ms slower with spinning,
+        # README "Bring your own teacher").
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = onnxruntime.InferenceSession(
+                path, sess_options=options, providers=providers or onnx_providers())
+        except Exception as err:  # ONNX Runtime's errors for a bad file vary
+            raise TeacherError(f"{path}: cannot load it as an ONNX model: "
+                               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                               ) from None
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise TeacherError(f"{path}: the ONNX graph takes inputs "
+                               f"{', '.join(i.name for i in inputs)}; a teacher takes one "
+                               "image tensor")
+        self.input_name = inputs[0].name
+        if inputs[0].type != "tensor(float)":
+            raise TeacherError(f"{path}: input {self.input_name!r} is {inputs[0].type}; a "
+                               "teacher takes float32 images")
+        batch = inputs[0].shape[0] if inputs[0].shape else None
+        if isinstance(batch, int) and batch > 0:
+            raise TeacherError(f"{path}: input {self.input_name!r} has a fixed batch size of "
+                               f"{batch}; export it with a dynamic batch (torch.onnx.export"
+                               "(..., dynamic_axes={'input': {0: 'batch'}}))")
+        self.layout = _layout(layout, list(inputs[0].shape[1:]), tuple(input_shape), path)
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.logits_name = "logits" if "logits" in outputs else outputs[0]
+        missing = [n for n in layers if n not in outputs]
+        if missing:
+            raise TeacherError(f"{path}: the ONNX graph has no output "
+                               f"{', '.join(map(repr, missing))}; it has {', '.join(outputs)}")
+        self.output_names = [self.logits_name, *[n for n in layers if n != self.logits_name]]
+        self.prep = _Preprocessing(input_scale, mean, std, input_shape[-1], self.layout)
+        self.providers = self.session.get_providers()
+        self.description = (f"ONNX {path} on ONNX Runtime {onnxruntime.__version__} "
+                            f"({self.providers[0]}; {self.prep.describe()})")
+        # Shapes of the outputs as the model gives them (before any transpose),
+        # from one probe run: ONNX graphs often leave non-batch dims symbolic.
+        probe = self.session.run(self.output_names, {
+            self.input_name: self.prep(tf.zeros([2, *input_shape])).numpy()})
+        self._raw_shapes = [tuple(p.shape[1:]) for p in probe]
+        bad = [n for n, p in zip(self.output_names, probe) if p.dtype != np.float32]
+        if bad:
+            raise TeacherError(f"{path}: outputs {', '.join(bad)} are not float32")
+        super().__init__(self._run, input_shape, layers, path, available=outputs)
+
+    def _session_run(self, x):
+        return self.session.run(self.output_names, {self.input_name: x})
+
+    def _run(self, x):
+        values = tf.numpy_function(self._session_run, [self.prep(x)],
+                                   [tf.float32] * len(self.output_names), stateful=False)
+        if not isinstance(values, (list, tuple)):  # one output comes back bare
+            values = [values]
+        out = {}
+        for name, value, shape in zip(self.output_names, values, self._raw_shapes):
+            value.set_shape([None, *shape])
+            out[name] = value if name == self.logits_name else _to_nhwc(value, self.layout)
+        out["logits"] = out[self.logits_name]
+        return out
+
+
+def is_saved_model(path):
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, "saved_model.pb"))
+                                    or os.path.isfile(os.path.join(path, "saved_model.pbtxt")))
+
+
+def load(path, layers=(), *, input_shape=None, layout="auto", input_scale=1.0, mean=None,
+         std=None, signature=None, providers=None):
+    """A frozen teacher from a file (see the module doc).
+
+    Args:
+      path: a `.keras` file, a SavedModel directory or an `.onnx` file.
+      layers: names of the representations to return besides "logits" (Keras
+        layer names; SavedModel signature outputs; ONNX graph outputs).
+      input_shape: the data's (H, W, C); required for SavedModel and ONNX
+        teachers (it decides the layout and sizes the probe), checked for
+        Keras ones.
+      layout: "auto", "nhwc" or "nchw" (SavedModel and ONNX).
+      input_scale, mean, std: the model takes (pixels * input_scale - mean) /
+        std, mean and std per channel (one value: every channel).
+      signature: the SavedModel signature (default serving_default, else serve).
+      providers: ONNX Runtime execution providers (default: CUDA if available,
+        then CPU).
+
+    Raises:
+      TeacherError: a missing or unreadable file, a model that does not take
+        these images, a missing output (the message lists those it has).
+    """
+    layers = tuple(dict.fromkeys(n for n in layers if n != "logits"))
+    if not isinstance(path, (str, os.PathLike)):
+        raise TeacherError(f"a teacher path must be a string, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise TeacherError(f"{path}: no such file or directory")
+    if path.endswith(".keras") and os.path.isfile(path):
+        import keras
+        if (input_scale, mean, std) != (1.0, None, None) or layout not in ("auto", "nhwc"):
+            raise TeacherError(f"{path}: a Keras model takes our [0, 1] NHWC pixels as built; "
+                               "input_scale, mean, std and layout are for SavedModel and "
+                               "ONNX teachers")
+        try:
+            model = keras.models.load_model(path)
+        except Exception as err:  # Keras raises many kinds for a bad file
+            raise TeacherError(f"{path}: cannot load it as a Keras model: "
+                               f"{str(err).splitlines()[0]}") from None
+        teacher = KerasTeacher(model, layers, source=path)
+    elif input_shape is None:
+        raise TeacherError(f"{path}: input_shape=(H, W, C) of the data is needed to load a "
+                           "SavedModel or ONNX teacher")
+    elif is_saved_model(path):
+        teacher = SavedModelTeacher(path, input_shape, layers, layout, input_scale, mean, std,
+                                    signature)
+    elif path.endswith(".onnx") and os.path.isfile(path):
+        teacher = OnnxTeacher(path, input_shape, layers, layout, input_scale, mean, std,
+                              providers)
+    else:
+        raise TeacherError(f"{path}: not a teacher this can load; give a .keras file, a "
+                           "SavedModel directory (with saved_model.pb) or an .onnx file")
+    if input_shape is not None and teacher.input_shape != tuple(input_shape):
+        raise TeacherError(f"{path}: the teacher takes {_dims(teacher.input_shape)} images, "
+                           f"the data are {_dims(input_shape)}")
+    return teacher
+
+
+def as_teacher(teacher, layers=(), input_shape=None):
+    """`teacher` as a Teacher returning `layers`: a keras.Model, a Teacher (whose
+    layers must include them), or a callable x -> {"logits": ..., name: ...}
+    (probed once on zeros of `input_shape`)."""
+    import keras
+    layers = tuple(dict.fromkeys(n for n in layers if n != "logits"))
+    if isinstance(teacher, keras.Model):
+        return KerasTeacher(teacher, layers)
+    if isinstance(teacher, Teacher):
+        missing = [n for n in layers if n not in teacher.layers]
+        if missing:
+            if isinstance(teacher, KerasTeacher):
+                return KerasTeacher(teacher.model, layers, teacher.source)
+            raise TeacherError(f"teacher {teacher.source} was loaded with layers "
+                               f"{list(teacher.layers)}; it lacks {', '.join(missing)}: load "
+                               "it with layers= naming every teacher layer of the pairs")
+        return teacher
+    if callable(teacher):
+        if input_shape is None:
+            raise TeacherError("a callable teacher needs the input shape to be probed")
+        return Teacher(teacher, input_shape, layers)
+    raise TeacherError(f"the teacher must be a keras.Model, an ardir_tf.teachers.Teacher "
+                       f"or a callable returning {{'logits': ...}}; got {type(teacher).__name__}")
+
+
+def accuracy(teacher, x, y, batch_size=256):
+    """Clean accuracy of `teacher` (or any x -> logits/dict callable) on numpy x, y,
+    and its predictions."""
+    preds = []
+    for i in range(0, len(x), batch_size):
+        out = teacher(tf.constant(x[i: i + batch_size], tf.float32))
+        logits = out["logits"] if isinstance(out, dict) else out
+        preds.append(np.argmax(np.asarray(logits), -1))
+    preds = np.concatenate(preds) if preds else np.zeros([0], np.int64)
+    return float(np.mean(preds == np.asarray(y).reshape(-1))), preds
+
+
+def check(teacher, x, y, num_classes, retry=None, min_ratio=2.0):
+    """The pre-training check of a teacher's clean accuracy on (x, y).
+
+    Returns {"clean_accuracy", "n_examples", "chance"}. Raises TeacherError when
+    the accuracy is below `min_ratio` x chance (1 / num_classes), with the likely
+    cause: `retry(**changes)` (optional) builds the same teacher with another
+    input_scale or layout, and the message names a change that scores well;
+    predictions that are right up to a fixed relabelling point at the class
+    order."""
+    acc, preds = accuracy(teacher, x, y)
+    chance = 1.0 / num_classes
+    report = {"clean_accuracy": acc, "n_examples": int(len(y)), "chance": chance}
+    if acc >= min_ratio * chance:
+        return report
+    y = np.asarray(y).reshape(-1)
+    causes = []
+    if retry is not None:
+        for label, changes in (
+                ("it expects 0-255 pixels: input_scale=255 (--teacher_input_scale=255)",
+                 {"input_scale": 255.0}),
+                ("it expects [0, 1] pixels: input_scale=1 (--teacher_input_scale=1)",
+                 {"input_scale": 1.0}),
+                ("its input is NCHW: layout='nchw' (--teacher_layout=nchw)", {"layout": "nchw"}),
+                ("its input is NHWC: layout='nhwc' (--teacher_layout=nhwc)", {"layout": "nhwc"})):
+            if all(getattr(teacher, "prep", None) is not None and
+                   {"input_scale": teacher.prep.input_scale, "layout": teacher.prep.layout}[k] == v
+                   for k, v in changes.items()):
+                continue  # what it has already
+            try:
+                other = retry(**changes)
+            except (TeacherError, ValueError):
+                continue
+            if other is None:
+                continue
+            other_acc, _ = accuracy(other, x, y)
+            if other_acc >= min_ratio * chance and other_acc > acc + 0.1:
+                causes.append(f"{label} (it then scores {other_acc:.3f})")
+    # Right up to a relabelling: each true class maps mostly to one predicted class.
+    confusion = np.zeros([num_classes, num_classes])
+    np.add.at(confusion, (y, np.clip(preds, 0, num_classes - 1)), 1)
+    relabelled = confusion.max(axis=1).sum() / max(len(y), 1)
+    if relabelled >= 0.5 and len(set(confusion.argmax(axis=1))) == num_classes:
+        causes.append(f"its classes are in another order (a fixed relabelling of its "
+                      f"predictions scores {relabelled:.3f})")
+    cause = ("likely cause: " + "; or ".join(causes)) if causes else (
+        "check the layout (--teacher_layout), the input scaling (--teacher_input_scale, "
+        "--teacher_mean, --teacher_std) and the class order")
+    raise TeacherError(f"the teacher's clean accuracy on {len(y)} test images is {acc:.3f}, "
+                       f"near chance ({chance:.3f}); {cause}")
