@@ -278,7 +278,7 @@ def phase(workdir, name, data, epochs, make_trainable):
                        chief=CHIEF)
     if CHIEF:
         say(f"[{name}] saved {workdir.finish_phase(model, name)}")
-    else:  # the same save into a throwaway file: see training.SharedBackup
+    else:  # the same save into a throwaway file: see training.EpochBackup
         with tempfile.TemporaryDirectory() as tmp:
             model.save(os.path.join(tmp, f"{name}.keras"))
     return model

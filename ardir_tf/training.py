@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import tempfile
 
 import keras
@@ -92,37 +93,94 @@ class TidyHistory(keras.callbacks.Callback):
                                      value=f"{float(value):.6g}"))
 
 
+# A backup generation: backup/PHASE/epoch-NNNN/ holding these two files.
+GENERATION = "epoch-"
+WEIGHTS = "trainer.weights.h5"
+EPOCH = "epoch.json"
+
+
+def generations(backup_dir):
+    """[(epoch, directory)] of the backup generations in `backup_dir`, newest first."""
+    found = []
+    if os.path.isdir(backup_dir):
+        for name in os.listdir(backup_dir):
+            path = os.path.join(backup_dir, name)
+            if name.startswith(GENERATION) and name[len(GENERATION):].isdigit() and \
+                    os.path.isfile(os.path.join(path, EPOCH)):
+                found.append((int(name[len(GENERATION):]), path))
+    return sorted(found, reverse=True)
+
+
 def resumable_epoch(workdir, phase):
-    """The number of epochs of `phase` its backup holds (0: none)."""
-    path = workdir.path("backup", phase, "training_metadata.json")
-    if not os.path.exists(path):
-        return 0
-    try:
-        with open(path) as f:
-            return int(json.load(f).get("epoch", 0))
-    except ValueError:  # cut short by a kill: Keras falls back to the older backup
-        return 0
+    """The number of epochs of `phase` its newest backup holds (0: none)."""
+    found = generations(workdir.path("backup", phase))
+    return found[0][0] if found else 0
 
 
-class SharedBackup(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore (once an epoch) for a cluster sharing one backup
-    directory: every worker restores from it, only the chief writes it. The
-    others save to a throwaway file instead of skipping the save, because under
-    a multi-worker strategy reading some variables is a collective every worker
-    must join.
+def restore(trainable, backup_dir):
+    """Loads the newest backup generation that loads into `trainable` (its
+    weights, the optimizer's included) and returns its epoch; 0 when there is
+    none. Raises ValueError when there are generations and none loads (a
+    damaged disk: a kill never leaves a generation half-written)."""
+    failures = []
+    found = generations(backup_dir)
+    optimizer = getattr(trainable, "optimizer", None)
+    if found and optimizer is not None and not optimizer.built:
+        optimizer.build(trainable.trainable_variables)  # so that its state loads too
+    for epoch, path in found:
+        try:
+            trainable.load_weights(os.path.join(path, WEIGHTS))
+            return epoch
+        except Exception as err:  # h5py and Keras raise many kinds for a bad file
+            failures.append(f"{os.path.basename(path)}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    if failures:
+        raise ValueError(f"no backup in {backup_dir} loads ({'; '.join(failures)}); delete "
+                         "that directory to train the phase from its start")
+    return 0
+
+
+class EpochBackup(keras.callbacks.Callback):
+    """The trainer's weights (the optimizer's included) after every epoch, so
+    that the same command resumes after a crash or kill -9.
+
+    Each epoch is a generation backup_dir/epoch-NNNN/ (the weights, and the
+    epoch number), written into a temporary directory and renamed into place:
+    a kill at any moment leaves every generation whole, never a truncated file
+    that a resume would read (Keras' BackupAndRestore overwrites its one file
+    in place, and falls back to the previous only on an OSError, where a
+    truncated HDF5 file raises RuntimeError). The newest two are kept.
+
+    For a cluster sharing one backup directory: every worker restores from it
+    (`restore`), only the chief writes it. The others save to a throwaway file
+    instead of skipping the save, because under a multi-worker strategy
+    reading some variables is a collective every worker must join.
 
     What is backed up is the trainer's weights: for the distiller the student,
     the adapters and the optimizer, not the frozen teacher (see distill.py)."""
 
-    def __init__(self, backup_dir, chief=True, **kwargs):
-        super().__init__(backup_dir, save_freq="epoch", **kwargs)
-        self.chief = chief
+    def __init__(self, backup_dir, chief=True, keep=2):
+        super().__init__()
+        self.backup_dir, self.chief, self.keep = backup_dir, chief, keep
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.chief:
-            return super().on_epoch_end(epoch, logs)
-        with tempfile.TemporaryDirectory() as tmp:
-            self.model.save_weights(os.path.join(tmp, "model.weights.h5"))
+        if not self.chief:
+            with tempfile.TemporaryDirectory() as tmp:
+                self.model.save_weights(os.path.join(tmp, WEIGHTS))
+            return
+        os.makedirs(self.backup_dir, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=self.backup_dir)
+        self.model.save_weights(os.path.join(tmp, WEIGHTS))
+        with open(os.path.join(tmp, EPOCH), "w") as f:
+            json.dump({"epoch": epoch + 1}, f)
+        final = os.path.join(self.backup_dir, f"{GENERATION}{epoch + 1:04d}")
+        if os.path.isdir(final):  # an epoch redone after a resume from an older one
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in generations(self.backup_dir)[self.keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+        for name in os.listdir(self.backup_dir):  # what kills left half-written
+            if name.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(self.backup_dir, name), ignore_errors=True)
 
 
 def fit_phase(trainable, train, epochs, workdir, phase, validation=None, verbose=1,
@@ -134,11 +192,12 @@ def fit_phase(trainable, train, epochs, workdir, phase, validation=None, verbose
 
     Returns the Keras History of this call (only the epochs it ran).
     """
-    # Two generations of backup (a kill while one is written leaves the other),
-    # kept after fit: Workdir.finish_phase removes them once the phase's model
+    # Restored here, before fit (every worker of a cluster reads the same
+    # backup); Workdir.finish_phase removes the backups once the phase's model
     # is saved.
-    backup = SharedBackup(workdir.path("backup", phase), chief=chief, double_checkpoint=True,
-                          delete_checkpoint=False)
+    backup_dir = workdir.path("backup", phase)
+    done = restore(trainable, backup_dir)
+    backup = EpochBackup(backup_dir, chief=chief)
     callbacks = [
         # The row first, then the backup: a kill between them leaves a row of an
         # epoch that will be redone, which TidyHistory drops when it restarts.
@@ -146,7 +205,5 @@ def fit_phase(trainable, train, epochs, workdir, phase, validation=None, verbose
         backup,
         keras.callbacks.TensorBoard(workdir.path("logs", phase), write_graph=False),
     ] if chief else [backup]
-    # shuffle=False: the datasets shuffle themselves (Keras would otherwise warn
-    # that its default shuffle=True is ignored for a tf.data.Dataset).
-    return trainable.fit(train, validation_data=validation, epochs=epochs,
+    return trainable.fit(train, validation_data=validation, epochs=epochs, initial_epoch=done,
                          callbacks=callbacks, verbose=verbose, shuffle=False)

@@ -164,7 +164,7 @@ def test_a_killed_worker_stops_the_cluster_and_the_same_command_resumes(setup):
             f"--workdir={workdir}"]
     launcher = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    backup = workdir / "backup/student/training_metadata.json"
+    backup = workdir / "backup/student/epoch-0001"
     deadline = time.time() + 300
     while not backup.exists() and launcher.poll() is None and time.time() < deadline:
         time.sleep(0.2)

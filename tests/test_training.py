@@ -36,10 +36,59 @@ def test_tidy_history_drops_rows_of_redone_epochs(tmp_path):
                     ["student", "2", "loss", "7"]]
 
 
-def test_resumable_epoch_reads_the_backup(tmp_path):
+def test_resumable_epoch_reads_the_newest_backup(tmp_path):
     wd = Workdir(tmp_path)
     assert training.resumable_epoch(wd, "student") == 0
-    (tmp_path / "backup" / "student").mkdir(parents=True)
-    (tmp_path / "backup" / "student" / "training_metadata.json").write_text('{"epoch": 3}')
+    for epoch in (2, 3):
+        generation = tmp_path / "backup" / "student" / f"epoch-{epoch:04d}"
+        generation.mkdir(parents=True)
+        (generation / training.EPOCH).write_text(f'{{"epoch": {epoch}}}')
+    # A directory a kill left half-written is no generation.
+    (tmp_path / "backup" / "student" / ".tmp-x").mkdir()
+    (tmp_path / "backup" / "student" / "epoch-0009").mkdir()  # no epoch.json: unfinished
     assert training.resumable_epoch(wd, "student") == 3
     assert np.isclose(training.steps_per_epoch(130, 64), 3)
+
+
+def test_backups_are_whole_generations_and_a_damaged_one_falls_back(tmp_path):
+    """Each epoch's backup is renamed into place whole; restore takes the newest
+    that loads, so a truncated file (what a kill during Keras' in-place write
+    left, and Keras then failed to read) costs one epoch, not the run."""
+    import keras
+
+    def model():
+        keras.utils.set_random_seed(0)
+        m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        m.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+        return m
+    x, y = np.ones((8, 3), np.float32), np.zeros((8, 2), np.float32)
+    trained = model()
+    backup = str(tmp_path / "backup")
+    snapshots = []
+
+    class Snapshot(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            snapshots.append([w.numpy().copy() for w in self.model.weights])
+    trained.fit(x, y, epochs=3, verbose=0, callbacks=[
+        training.EpochBackup(backup), Snapshot()])
+    assert [e for e, _ in training.generations(backup)] == [3, 2]  # the newest two
+    assert sorted(p.name for p in (tmp_path / "backup").iterdir()) == ["epoch-0002",
+                                                                       "epoch-0003"]
+    fresh = model()
+    assert training.restore(fresh, backup) == 3
+    for a, b in zip(fresh.weights, snapshots[2]):
+        np.testing.assert_array_equal(a.numpy(), b)
+    assert int(fresh.optimizer.iterations.numpy()) == 3  # the optimizer's state too
+    # The newest cut short: the one before it is restored.
+    newest = tmp_path / "backup" / "epoch-0003" / training.WEIGHTS
+    newest.write_bytes(newest.read_bytes()[:2048])
+    fresh = model()
+    assert training.restore(fresh, backup) == 2
+    for a, b in zip(fresh.weights, snapshots[1]):
+        np.testing.assert_array_equal(a.numpy(), b)
+    older = tmp_path / "backup" / "epoch-0002" / training.WEIGHTS
+    older.write_bytes(b"")
+    with pytest.raises(ValueError, match="no backup in .* loads .*epoch-0003.*epoch-0002.*"
+                                         "delete that directory"):
+        training.restore(model(), backup)
+    assert training.restore(model(), str(tmp_path / "none")) == 0
