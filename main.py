@@ -152,6 +152,10 @@ def given_teacher(data, **changes):
     outputs (`changes` override the --teacher_* options, for the check's
     diagnosis)."""
     if FLAGS.teacher.endswith(".keras"):
+        if cli.teacher_options() != cli.teacher_options(defaults=True):
+            fail("--teacher_layout, --teacher_input_scale, --teacher_mean and --teacher_std "
+                 "are for a SavedModel or ONNX --teacher; a .keras model takes our [0, 1] "
+                 "NHWC pixels as built")
         return load_model(FLAGS.teacher, "--teacher")
     from ardir_tf import teachers
     def make():
@@ -237,6 +241,10 @@ def check_models(workdir, data):
                 models.expose(model, names)  # a view of the built model: no new weights
             except ValueError as err:
                 fail(f"--layers: {role} {err}")
+    from ardir_tf import teachers
+    if FLAGS.jit_compile and isinstance(teacher, teachers.OnnxTeacher):
+        fail("--jit_compile cannot compile a step that runs an ONNX --teacher (ONNX Runtime "
+             "runs outside the graph); drop it, or give the teacher as a SavedModel")
     if FLAGS.teacher and FLAGS.check_teacher:
         check_given_teacher(teacher, data)
     try:
@@ -275,7 +283,7 @@ def phase(workdir, name, data, epochs, make_trainable):
     model = trainable.network
     trainable.compile(optimizer=optimizer(data, epochs), jit_compile=FLAGS.jit_compile)
     training.fit_phase(trainable, data.train, epochs, workdir, name, verbose=FLAGS.verbose,
-                       chief=CHIEF)
+                       chief=CHIEF, log=lambda message: say(f"[{name}] {message}"))
     if CHIEF:
         say(f"[{name}] saved {workdir.finish_phase(model, name)}")
     else:  # the same save into a throwaway file: see training.EpochBackup
@@ -336,12 +344,15 @@ def evaluate_and_report(workdir, data, trained):
     for name, model in trained.items():
         if isinstance(model, teachers.Teacher) and not model.differentiable:
             # ONNX Runtime gives no input gradients, so no gradient attack can
-            # run on it: its entry is the pre-training check's clean accuracy.
+            # run on it: its entry is its clean accuracy on the same examples.
+            x, y = evaluate.collect(data.test, FLAGS.eval_examples or None)
             unattacked[name] = dict(
-                BUILT.get("teacher_check", {}), pgd_accuracy=None, teacher=model.description,
+                clean_accuracy=teachers.accuracy(model, x, y)[0], n_examples=int(len(y)),
+                robust_accuracy={}, worst_case_accuracy=None, teacher=model.description,
                 not_attacked="an ONNX teacher runs on ONNX Runtime, which computes no "
                              "input gradients; evaluate it where it was trained")
-            say(f"[evaluate] {name}: not attacked ({unattacked[name]['not_attacked']})")
+            say(f"[evaluate] {name}: clean accuracy {unattacked[name]['clean_accuracy']:.4f}; "
+                f"not attacked ({unattacked[name]['not_attacked']})")
             continue
         say(f"[evaluate] {name}: {', '.join(attacks)} at {FLAGS.norm} eps {FLAGS.eps:.4g}, "
             "then the sanity checks")
@@ -361,7 +372,7 @@ def evaluate_and_report(workdir, data, trained):
         metrics[name] = result
     for name, entry in unattacked.items():
         metrics[name] = entry
-    if FLAGS.teacher and "teacher" in reports and "teacher_check" in BUILT:
+    if FLAGS.teacher and "teacher" in metrics and "teacher_check" in BUILT:
         metrics["teacher"]["pre_training_check"] = BUILT["teacher_check"]
     workdir.write_json("metrics.json", metrics)
     plot = report.plot_eps(reports, workdir.path(f"robustness-{FLAGS.norm}-{FLAGS.eps:g}.png"))

@@ -42,10 +42,6 @@ def _feature_shape(view, name):
     return tuple(view.output[name].shape[1:])
 
 
-def _is_keras_model(value):
-    return isinstance(value, keras.Model)
-
-
 def build_adapter(student_shape, teacher_shape, name):
     """A small learned map from a student feature shape to a teacher's.
 
@@ -165,7 +161,7 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
         if attack is None:
             raise ValueError("attack is required, e.g. ardir_tf.attacks.PGD(eps=8/255, "
                              "step_size=2/255, steps=10)")
-        if _is_keras_model(teacher) or isinstance(teacher, str):
+        if isinstance(teacher, (keras.Model, str)):  # a path gets "load it first"
             check_logits_model(teacher, "teacher")
         check_logits_model(student, "student")
         alpha = DEFAULT_ALPHA[method] if alpha is None else alpha

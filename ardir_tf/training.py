@@ -94,6 +94,7 @@ class TidyHistory(keras.callbacks.Callback):
 
 
 # A backup generation: backup/PHASE/epoch-NNNN/ holding these two files.
+# epoch.json, written last, also marks the generation complete.
 GENERATION = "epoch-"
 WEIGHTS = "trainer.weights.h5"
 EPOCH = "epoch.json"
@@ -117,22 +118,29 @@ def resumable_epoch(workdir, phase):
     return found[0][0] if found else 0
 
 
-def restore(trainable, backup_dir):
+def restore(trainable, backup_dir, log=None):
     """Loads the newest backup generation that loads into `trainable` (its
     weights, the optimizer's included) and returns its epoch; 0 when there is
-    none. Raises ValueError when there are generations and none loads (a
+    none. A generation that does not load is skipped, and `log` (fn(str), or
+    None) told. Raises ValueError when there are generations and none loads (a
     damaged disk: a kill never leaves a generation half-written)."""
     failures = []
     found = generations(backup_dir)
     optimizer = getattr(trainable, "optimizer", None)
     if found and optimizer is not None and not optimizer.built:
-        optimizer.build(trainable.trainable_variables)  # so that its state loads too
+        with trainable.distribute_strategy.scope():  # so that its state loads too
+            optimizer.build(trainable.trainable_variables)
     for epoch, path in found:
         try:
             trainable.load_weights(os.path.join(path, WEIGHTS))
+            if failures and log is not None:
+                log(f"the newer backup did not load ({'; '.join(failures)}); resumed after "
+                    f"epoch {epoch} instead")
             return epoch
         except Exception as err:  # h5py and Keras raise many kinds for a bad file
-            failures.append(f"{os.path.basename(path)}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            text = str(err).strip()
+            failures.append(f"{os.path.basename(path)}: "
+                            f"{text.splitlines()[0] if text else type(err).__name__}")
     if failures:
         raise ValueError(f"no backup in {backup_dir} loads ({'; '.join(failures)}); delete "
                          "that directory to train the phase from its start")
@@ -184,11 +192,12 @@ class EpochBackup(keras.callbacks.Callback):
 
 
 def fit_phase(trainable, train, epochs, workdir, phase, validation=None, verbose=1,
-              chief=True):
+              chief=True, log=None):
     """`trainable.fit` for one phase, resumable from workdir/backup/PHASE.
 
     `chief=False` (the other workers of a cluster) restores from the backup but
-    writes nothing to `workdir`.
+    writes nothing to `workdir`. `log` (fn(str), or None) is told when a newer
+    backup did not load and an older one was resumed instead.
 
     Returns the Keras History of this call (only the epochs it ran).
     """
@@ -196,7 +205,7 @@ def fit_phase(trainable, train, epochs, workdir, phase, validation=None, verbose
     # backup); Workdir.finish_phase removes the backups once the phase's model
     # is saved.
     backup_dir = workdir.path("backup", phase)
-    done = restore(trainable, backup_dir)
+    done = restore(trainable, backup_dir, log)
     backup = EpochBackup(backup_dir, chief=chief)
     callbacks = [
         # The row first, then the backup: a kill between them leaves a row of an

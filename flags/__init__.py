@@ -287,12 +287,16 @@ def adopt_run_settings(saved):
             FLAGS[name].value = saved[name]
 
 
-def teacher_options():
-    """The SavedModel/ONNX --teacher options as teachers.load's keyword arguments."""
+def teacher_options(defaults=False):
+    """The SavedModel/ONNX --teacher options as teachers.load's keyword arguments
+    (`defaults`: as they are when none is given)."""
+    def value(name):
+        return FLAGS[name].default if defaults else FLAGS[name].value
+
     def floats(values):
         return None if values is None else [float(v) for v in values]
-    return dict(layout=FLAGS.teacher_layout, input_scale=FLAGS.teacher_input_scale,
-                mean=floats(FLAGS.teacher_mean), std=floats(FLAGS.teacher_std))
+    return dict(layout=value("teacher_layout"), input_scale=value("teacher_input_scale"),
+                mean=floats(value("teacher_mean")), std=floats(value("teacher_std")))
 
 
 def layer_pairs():

@@ -324,6 +324,13 @@ def bad_runs(tmp_path_factory, digits_run):
     mnist_model.save(mnist_teacher)
     (root / "corrupt.onnx").write_text("not a model")
     digits_teacher = keras.models.load_model(DIGITS_RUN / "teacher.keras")
+    from teacher_files import saved_model_teacher
+    keras.utils.set_random_seed(0)
+    untrained = ardir_tf.models.build("small_cnn", (8, 8, 1), 10, width=2)
+    chance_keras = root / "untrained.keras"
+    untrained.save(chance_keras)
+    chance_saved_model = saved_model_teacher(untrained, root / "untrained_saved_model",
+                                             ["stage2"])
     onnx = {"mnist": onnx_teacher(mnist_model, root / "mnist.onnx"),
             "five": onnx_teacher(digits_teacher, root / "five.onnx", classes=5),
             "stage2": onnx_teacher(digits_teacher, root / "stage2.onnx", ["stage2"]),
@@ -346,6 +353,15 @@ def bad_runs(tmp_path_factory, digits_run):
                                "near chance (0.100); likely cause: it expects 0-255 pixels: "
                                "input_scale=255 (--teacher_input_scale=255)"),
                  onnx_scale_flag=(["--teacher_input_scale=0"], "--teacher_input_scale: must be > 0"),
+                 keras_at_chance=([f"--teacher={chance_keras}"],
+                                  "near chance (0.100); check the layout"),
+                 saved_model_at_chance=([f"--teacher={chance_saved_model}"],
+                                        "near chance (0.100)"),
+                 keras_scaling=([f"--teacher={DIGITS_RUN / 'teacher.keras'}",
+                                 "--teacher_input_scale=255"],
+                                "are for a SavedModel or ONNX --teacher"),
+                 onnx_jit=([f"--teacher={onnx['stage2']}", "--jit_compile"],
+                           "--jit_compile cannot compile a step that runs an ONNX"),
                  onnx_std_flag=(["--teacher_std=0.5,x"], "--teacher_std: must be numbers > 0"),
                  tfds_unprepared=(["--dataset=cifar10", f"--data_dir={root / 'empty'}"],
                                   "not prepared"),
@@ -380,7 +396,8 @@ def test_the_harness_sees_what_a_fresh_process_sees(bad_runs):
 
 
 TEACHER_FILES = ["onnx_missing", "onnx_corrupt", "onnx_shape", "onnx_classes", "onnx_layers",
-                 "onnx_scaling", "onnx_scale_flag", "onnx_std_flag"]
+                 "onnx_scaling", "onnx_scale_flag", "onnx_std_flag", "keras_at_chance",
+                 "saved_model_at_chance", "keras_scaling", "onnx_jit"]
 
 
 @pytest.mark.parametrize("case", [*BAD, "npz_keys", "teacher_corrupt", "teacher_shape",
@@ -422,8 +439,10 @@ def test_a_teacher_at_chance_stops_the_run_before_anything_is_written(bad_runs):
 def test_distill_from_an_nchw_onnx_teacher(tmp_path):
     """A PyTorch-style export (NCHW, stage2 as a graph output) distils through
     main.py, attacked with RSLAD's KL objective (the teacher's clean softmax);
-    its entry in metrics.json is the pre-training check's. (A .keras --teacher
-    runs through main.py in tests/test_distribute.py.)"""
+    its entry in metrics.json is its clean accuracy and the pre-training check.
+    (A .keras --teacher trains through main.py in tests/test_distribute.py, with
+    the check off; the check of .keras and SavedModel teachers stops the
+    bad_runs cases keras_at_chance and saved_model_at_chance.)"""
     import hashlib
     import keras
     from teacher_files import onnx_teacher
@@ -437,9 +456,11 @@ def test_distill_from_an_nchw_onnx_teacher(tmp_path):
     assert "CPUExecutionProvider; NCHW)" in proc.stdout and "clean accuracy 0.9" in proc.stdout
     report = metrics(workdir)
     assert set(report) == {"teacher", "student"}
-    assert report["teacher"]["clean_accuracy"] > 0.9 and report["teacher"]["n_examples"] == 360
-    assert report["teacher"]["pgd_accuracy"] is None and "gradients" in \
-        report["teacher"]["not_attacked"]
+    assert report["teacher"]["clean_accuracy"] > 0.9 and report["teacher"]["n_examples"] == 64
+    entry = report["teacher"]
+    assert entry["robust_accuracy"] == {} and entry["worst_case_accuracy"] is None
+    assert "gradients" in entry["not_attacked"]
+    assert entry["pre_training_check"]["clean_accuracy"] > 0.9
     assert "robust_accuracy" in report["student"]
     assert (workdir / "student.keras").exists() and not (workdir / "teacher.keras").exists()
     assert hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest() == digest
