@@ -142,7 +142,8 @@ def define_flags():
                       [m for m in adversarial.METHODS if m != "natural"],
                       "How a teacher is trained.")
     flags.DEFINE_list("layers", ["stage2:stage2"], "student_layer:teacher_layer pairs "
-                      "matched by the IR term (method ardir).")
+                      "matched by the IR term (method ardir); for a SavedModel or ONNX "
+                      "--teacher, teacher_layer is one of its output names.")
     _fraction("alpha", None, "Weight of the distillation term, in [0, 1] (default: 0.9; "
               "5/6 for rslad).")
     flags.DEFINE_float("temperature", 1.0, "Temperature of the KD term.")
