@@ -16,6 +16,7 @@ Where each concept lives:
     evaluate     robustness reports: attack presets, worst case, per class
     sanity       the checks every evaluation runs on itself
     report       the report as a table and an accuracy-vs-eps plot
+    study        a method study's report: means over seeds, paired intervals
     training     optimisers and schedules; resumable training phases
     workdir      a run's directory: atomic writes, never another run's
     distribute   choosing the tf.distribute strategy
@@ -27,10 +28,10 @@ TensorFlow is imported to quieten its C++ start-up lines.
 """
 
 from ardir_tf import attacks, data, distribute, evaluate, losses, models
-from ardir_tf import report, sanity, teachers, training, workdir
+from ardir_tf import report, sanity, study, teachers, training, workdir
 from ardir_tf.adversarial import AdversarialTrainer
 from ardir_tf.distill import ARDIRDistiller, LayerPair
 
 __all__ = ["attacks", "data", "distribute", "evaluate", "losses", "models", "report",
-           "sanity", "teachers", "training", "workdir", "AdversarialTrainer", "ARDIRDistiller",
+           "sanity", "study", "teachers", "training", "workdir", "AdversarialTrainer", "ARDIRDistiller",
            "LayerPair"]

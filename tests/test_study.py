@@ -1,0 +1,90 @@
+"""The study report: means, spreads and paired intervals against numbers by hand."""
+
+import csv
+import json
+import math
+
+import pytest
+
+from ardir_tf import study
+
+# Worst-case accuracy of two methods on seeds 0, 1, 2.
+ARD = [0.70, 0.72, 0.71]
+ARDIR = [0.73, 0.72, 0.75]
+# The two-sided 95% quantile of Student's t with 2 degrees of freedom (tables).
+T_975_2 = 4.302652729911275
+
+
+def rows():
+    out = []
+    for method, worst in (("ard", ARD), ("ardir", ARDIR)):
+        for seed, w in enumerate(worst):
+            out.append({"method": method, "seed": seed, "clean_accuracy": 0.98 + 0.005 * seed,
+                        "worst_case_accuracy": w,
+                        "robust_accuracy": {"pgd20": w + 0.02, "square": w + 0.01},
+                        "seconds_per_epoch": 1.5})
+    return out
+
+
+def test_paired_difference_is_the_paired_t_interval_by_hand():
+    diffs = [a - b for a, b in zip(ARDIR, ARD)]  # 0.03, 0.00, 0.04
+    mean = sum(diffs) / 3
+    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    half = T_975_2 * std / math.sqrt(3)
+    got = study.paired_difference(ARDIR, ARD)
+    assert got["n"] == 3
+    assert got["mean"] == pytest.approx(mean, abs=1e-12)  # 0.023333
+    assert got["std"] == pytest.approx(std, abs=1e-12)  # 0.020817
+    assert (got["low"], got["high"]) == pytest.approx((mean - half, mean + half), abs=1e-9)
+    assert got["low"] == pytest.approx(-0.02838, abs=1e-5)  # contains 0
+    assert study.t_quantile(0.95, 2) == pytest.approx(T_975_2, abs=1e-9)
+    # Pairing is what makes a shared seed effect cancel: a constant offset has
+    # no spread, unpaired it would be buried in the seeds' own spread.
+    offset = study.paired_difference([v + 0.01 for v in ARD], ARD)
+    assert offset["std"] == pytest.approx(0, abs=1e-12)
+    assert offset["low"] == pytest.approx(0.01) and offset["high"] == pytest.approx(0.01)
+    one = study.paired_difference([0.5], [0.4])
+    assert one["mean"] == pytest.approx(0.1) and one["low"] is None
+    with pytest.raises(ValueError, match="equal-length"):
+        study.paired_difference([1, 2], [1])
+
+
+def test_summarize_and_the_table():
+    summary = study.summarize(rows(), reference="ard")
+    ardir = summary["methods"]["ardir"]
+    assert ardir["n"] == 3 and ardir["seeds"] == [0, 1, 2]
+    mean = sum(ARDIR) / 3
+    assert ardir["mean"]["worst_case_accuracy"] == pytest.approx(mean)
+    assert ardir["std"]["worst_case_accuracy"] == pytest.approx(
+        math.sqrt(sum((v - mean) ** 2 for v in ARDIR) / 2))
+    assert ardir["mean"]["clean_accuracy"] == pytest.approx(0.985)
+    assert set(summary["paired"]) == {"ardir"}
+    assert summary["paired"]["ardir"]["mean"] == pytest.approx(0.0233333, abs=1e-6)
+    table = study.format_table(summary)
+    line = next(l for l in table.splitlines() if l.startswith("ardir"))
+    assert "0.7333 +- 0.0153" in line and "+0.0233 [-0.0284, +0.0750] contains 0" in line
+    assert "reference" in next(l for l in table.splitlines() if l.startswith("ard "))
+    # A method whose seeds the reference lacks is paired on the common ones.
+    extra = rows() + [{"method": "ardir", "seed": 7, "clean_accuracy": 0.9,
+                       "worst_case_accuracy": 0.9}]
+    assert study.summarize(extra)["paired"]["ardir"]["seeds"] == [0, 1, 2]
+    with pytest.raises(ValueError, match="reference method 'trades' has no rows"):
+        study.summarize(rows(), reference="trades")
+    with pytest.raises(ValueError, match="two rows for method 'ard' seed 0"):
+        study.summarize(rows() + rows()[:1])
+    with pytest.raises(ValueError, match="needs worst_case_accuracy"):
+        study.summarize([{"method": "ard", "seed": 0, "clean_accuracy": 1.0}])
+
+
+def test_the_files(tmp_path):
+    summary = study.summarize(rows())
+    csv_path = study.write_csv(rows(), tmp_path / "study.csv")
+    with open(csv_path) as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["method", "seed", "clean_accuracy", "pgd20", "square",
+                              "worst_case_accuracy", "seconds_per_epoch"]
+    assert len(table) == 6 and float(table[3]["worst_case_accuracy"]) == ARDIR[0]
+    saved = json.loads(study.write_json(rows(), summary, tmp_path / "study.json").read_text())
+    assert saved["summary"]["paired"]["ardir"]["n"] == 3 and len(saved["rows"]) == 6
+    png = study.plot(summary, tmp_path / "study.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
