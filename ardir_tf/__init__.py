@@ -33,5 +33,5 @@ from ardir_tf.adversarial import AdversarialTrainer
 from ardir_tf.distill import ARDIRDistiller, LayerPair
 
 __all__ = ["attacks", "data", "distribute", "evaluate", "losses", "models", "report",
-           "sanity", "study", "teachers", "training", "workdir", "AdversarialTrainer", "ARDIRDistiller",
-           "LayerPair"]
+           "sanity", "study", "teachers", "training", "workdir", "AdversarialTrainer",
+           "ARDIRDistiller", "LayerPair"]
