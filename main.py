@@ -328,7 +328,10 @@ def teacher_model(workdir, data):
             fail("--mode=train_teacher evaluates a --teacher given as .keras only; distil "
                  "from a SavedModel or ONNX teacher with --mode=distill")
         say(f"[teacher] loading {FLAGS.teacher}")
-        return given_teacher(data)
+        teacher = given_teacher(data)
+        if not FLAGS.teacher.endswith(".keras"):
+            say(f"[teacher] {teacher.description}")  # the runtime and provider it runs on
+        return teacher
     return phase(workdir, "teacher", data, FLAGS.teacher_epochs,
                  lambda: teacher_trainable(teacher_network(workdir, data)))
 
