@@ -190,15 +190,12 @@ def check_given_teacher(teacher, data):
     if isinstance(teacher, (teachers.SavedModelTeacher, teachers.OnnxTeacher)):
         def retry(**changes):
             return given_teacher(data, **changes)
+    checked = teachers.as_teacher(teacher)
     try:
-        report = teachers.check(teacher if isinstance(teacher, teachers.Teacher) else
-                                teachers.KerasTeacher(teacher), x, y, data.num_classes,
-                                retry=retry)
+        report = teachers.check(checked, x, y, data.num_classes, retry=retry)
     except teachers.TeacherError as err:
         fail(f"--teacher={FLAGS.teacher}: {err}")
-    described = (teacher.description if isinstance(teacher, teachers.Teacher) else
-                 f"Keras model {teacher.name!r}")
-    say(f"[teacher] checked {described}: "
+    say(f"[teacher] checked {checked.description}: "
         f"clean accuracy {report['clean_accuracy']:.4f} on {report['n_examples']} test images")
     BUILT["teacher_check"] = report
 

@@ -106,9 +106,6 @@ class Teacher:
         out = self._fn(tf.cast(x, tf.float32))
         return {n: tf.cast(out[n], tf.float32) for n in ("logits", *self.layers)}
 
-    def logits(self, x, training=False):
-        return self(x)["logits"]
-
     def __repr__(self):
         return f"<{type(self).__name__} {self.description}>"
 
