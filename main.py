@@ -5,6 +5,7 @@
     python main.py --mode=evaluate --workdir=runs/distill-digits-ardir
     python main.py --mode=export --workdir=runs/distill-digits-ardir
     python main.py --mode=serve --workdir=runs/distill-digits-ardir
+    python main.py --mode=study --study_methods=pgd_at,ard,rslad,ardir --study_seeds=3
 
 Reads as the run goes: strategy -> data -> models -> trainer -> fit -> evaluate
 -> export. The work is in ardir_tf; this file turns flags into its arguments.
@@ -139,11 +140,19 @@ def teacher_network(workdir, data):
                                          FLAGS.teacher_depth, data))
 
 
-def teacher_layers():
-    """The teacher's side of --layers, when the run's method reads them."""
+def layer_sets():
+    """The --layers pairs of each distillation the run does that reads
+    representations: the student's (distill), or each ARDIR method's (study)."""
+    if FLAGS.mode == "study":
+        return [pairs for m in cli.study_methods() if (pairs := study_layers(m))]
     if FLAGS.method == "ardir" and FLAGS.ir_weight > 0:
-        return [t for _, t in cli.layer_pairs()]
+        return [cli.layer_pairs()]
     return []
+
+
+def teacher_layers():
+    """The teacher's side of the layer pairs (for a SavedModel or ONNX teacher)."""
+    return list(dict.fromkeys(t for pairs in layer_sets() for _, t in pairs))
 
 
 def given_teacher(data, **changes):
@@ -218,7 +227,7 @@ def check_models(workdir, data):
     that the run then trains (nothing is built twice)."""
     import keras
     from ardir_tf import models
-    if FLAGS.mode != "distill":
+    if FLAGS.mode not in ("distill", "study"):
         return
     # The student first: its initial weights then do not depend on whether the
     # teacher is built (a fresh run) or loaded (a resumed one).
@@ -228,8 +237,7 @@ def check_models(workdir, data):
     if t_in != tuple(data.input_shape) or t_out != (data.num_classes,):
         fail(f"--teacher takes {t_in} and gives {t_out}, but {data.name} has "
              f"{tuple(data.input_shape)} images and {data.num_classes} classes")
-    if FLAGS.method == "ardir" and FLAGS.ir_weight > 0:
-        pairs = cli.layer_pairs()
+    for pairs in layer_sets():
         checked = [("student", student, [s for s, _ in pairs])]
         if isinstance(teacher, keras.Model):  # a file teacher's outputs are checked at load
             checked.append(("teacher", teacher, [t for _, t in pairs]))
@@ -245,7 +253,11 @@ def check_models(workdir, data):
     if FLAGS.teacher and FLAGS.check_teacher:
         check_given_teacher(teacher, data)
     try:
-        student_trainable(data, teacher)
+        if FLAGS.mode == "distill":
+            student_trainable(data, teacher)
+        else:  # each study method's trainer, built on a throwaway student
+            for method in cli.study_methods():
+                cell_trainable(method, data, teacher, student=build_student(data))
     except ValueError as err:
         fail(str(err))
 
@@ -267,22 +279,24 @@ def optimizer(data, epochs):
         [round(float(f) * epochs) for f in FLAGS.decay_at], FLAGS.decay_factor)
 
 
-def phase(workdir, name, data, epochs, make_trainable):
-    """Trains one phase, or reuses its finished model. Returns the model."""
+def phase(workdir, name, data, epochs, make_trainable, label=None):
+    """Trains one phase, or reuses its finished model. Returns the model.
+    `label` prefixes its log lines (default: the phase's name)."""
     from ardir_tf import training
+    label = label or name
     if workdir.exists(f"{name}.keras"):
-        say(f"[{name}] reusing {workdir.path(name + '.keras')}")
+        say(f"[{label}] reusing {workdir.path(name + '.keras')}")
         return load_model(workdir.path(f"{name}.keras"))
     done = training.resumable_epoch(workdir, name)
-    say(f"[{name}] resuming after epoch {done} of {epochs}" if done else
-        f"[{name}] training for {epochs} epochs")
+    say(f"[{label}] resuming after epoch {done} of {epochs}" if done else
+        f"[{label}] training for {epochs} epochs")
     trainable = make_trainable()
     model = trainable.network
     trainable.compile(optimizer=optimizer(data, epochs), jit_compile=FLAGS.jit_compile)
     training.fit_phase(trainable, data.train, epochs, workdir, name, verbose=FLAGS.verbose,
-                       chief=CHIEF, log=lambda message: say(f"[{name}] {message}"))
+                       chief=CHIEF, log=lambda message: say(f"[{label}] {message}"))
     if CHIEF:
-        say(f"[{name}] saved {workdir.finish_phase(model, name)}")
+        say(f"[{label}] saved {workdir.finish_phase(model, name)}")
     else:  # the same save into a throwaway file: see training.EpochBackup
         with tempfile.TemporaryDirectory() as tmp:
             model.save(os.path.join(tmp, f"{name}.keras"))
@@ -303,20 +317,50 @@ def teacher_trainable(model):
                               beta=FLAGS.trades_beta)
 
 
+def distiller(teacher, student, method, **changes):
+    """An ARDIRDistiller of `method` with the command's settings, `changes`
+    (the study knobs: distiller arguments) overriding them."""
+    from ardir_tf import ARDIRDistiller, LayerPair
+    kwargs = dict(attack_objective=FLAGS.attack_objective, alpha=FLAGS.alpha,
+                  temperature=FLAGS.temperature, ir_weight=FLAGS.ir_weight,
+                  distance=FLAGS.distance, ir_teacher_input=FLAGS.ir_teacher_input,
+                  ir_student_input=FLAGS.ir_student_input)
+    kwargs.update(changes)
+    pairs = kwargs.pop("layers", None) or cli.layer_pairs()
+    if method != "ardir":
+        pairs = []
+        for name in ("ir_weight", "distance", "ir_teacher_input", "ir_student_input"):
+            kwargs.pop(name)
+    return ARDIRDistiller(teacher=teacher, student=student,
+                          layers=[LayerPair(student=s, teacher=t) for s, t in pairs],
+                          attack=attack(FLAGS.steps), method=method, **kwargs)
+
+
 def student_trainable(data, teacher):
     """The distiller of `teacher` (built once)."""
-    from ardir_tf import ARDIRDistiller, LayerPair
-
     def make():
-        layers = ([LayerPair(student=s, teacher=t) for s, t in cli.layer_pairs()]
-                  if FLAGS.method == "ardir" else [])
-        student = once("student", lambda: build_student(data))
-        return ARDIRDistiller(teacher=teacher, student=student, layers=layers,
-                              attack=attack(FLAGS.steps), method=FLAGS.method,
-                              attack_objective=FLAGS.attack_objective, alpha=FLAGS.alpha,
-                              temperature=FLAGS.temperature, ir_weight=FLAGS.ir_weight,
-                              distance=FLAGS.distance)
+        return distiller(teacher, once("student", lambda: build_student(data)), FLAGS.method)
     return once(("distiller", id(teacher)), make)
+
+
+def study_layers(method):
+    """The layer pairs a study method's IR term reads ([] for none)."""
+    options = method.kwargs
+    if method.base != "ardir" or options.get("ir_weight", FLAGS.ir_weight) == 0:
+        return []
+    return list(options.get("layers") or cli.layer_pairs())
+
+
+def cell_trainable(method, data, teacher, student=None):
+    """The trainer of one study cell: `method` (a study.Method) on a new
+    student (or `student`)."""
+    from ardir_tf import AdversarialTrainer
+    student = student or build_student(data)
+    options = method.kwargs
+    if method.base in ("natural", "pgd_at", "trades"):
+        return AdversarialTrainer(student, attack=attack(FLAGS.steps), method=method.base,
+                                  beta=options.get("beta", FLAGS.trades_beta))
+    return distiller(teacher, student, method.base, **options)
 
 
 def teacher_model(workdir, data):
@@ -381,6 +425,80 @@ def evaluate_and_report(workdir, data, trained):
 
 
 # --- modes ------------------------------------------------------------------
+
+def evaluate_student(model, data):
+    """The evaluation every study cell gets: the same attacks, seed and images."""
+    from ardir_tf import evaluate
+    return evaluate.evaluate(
+        model, data.test, FLAGS.eps, FLAGS.norm,
+        evaluate.suite(FLAGS.attacks, FLAGS.eps, FLAGS.norm, steps=FLAGS.eval_steps,
+                       step_size=FLAGS.step_size),
+        n_examples=FLAGS.eval_examples or None, sequential=FLAGS.sequential_attacks,
+        sanity_examples=FLAGS.sanity_examples, seed=FLAGS.seed,
+        verbose=int(FLAGS.verbose == 1))
+
+
+def study(workdir, data):
+    """--mode=study: the teacher once (in the study's workdir, or --teacher),
+    then --study_methods x --study_seeds students, each an ordinary run
+    directory under cells/, evaluated alike; then the report."""
+    import keras
+    from ardir_tf import study as studies
+    from ardir_tf.workdir import WorkdirError
+    teacher = teacher_model(workdir, data)
+    teacher_path = FLAGS.teacher or workdir.path("teacher.keras")
+    methods, seeds = cli.study_methods(), list(range(FLAGS.study_seeds))
+    evaluation = dict(attacks=FLAGS.attacks, eval_steps=FLAGS.eval_steps,
+                      eval_examples=FLAGS.eval_examples, sequential=FLAGS.sequential_attacks,
+                      sanity_examples=FLAGS.sanity_examples, seed=FLAGS.seed)
+    known = workdir.read_json("metrics.json", {}).get("teacher", {})
+    if isinstance(teacher, keras.Model) and known.get("study_evaluation") != evaluation:
+        say("[teacher] evaluating it as every cell will be evaluated")
+        workdir.write_json("metrics.json", {"teacher": dict(
+            evaluate_student(teacher, data), study_evaluation=evaluation)})
+
+    def settings(method, seed):
+        # An ordinary run's flags.json (so --mode=evaluate and export work on a
+        # cell), with the cell's method, seed, knobs and teacher.
+        cell = dict(cli.settings(), seed=seed, method=method.base, natural_epochs=0,
+                    teacher=teacher_path, study_method=method.name)
+        for knob, value in method.options:
+            cell[cli.STUDY_KNOB_FLAGS.get(knob, knob)] = (
+                [f"{s}:{t}" for s, t in value] if knob == "layers" else value)
+        return cell
+
+    def train(method, seed, cell):
+        keras.utils.set_random_seed(seed)
+        cell_data = load_data(seed)
+        return phase(cell, "student", cell_data, FLAGS.epochs,
+                     lambda: cell_trainable(method, cell_data, teacher),
+                     label=f"{method.name} seed {seed}")
+
+    say(f"[study] {len(methods)} methods x {len(seeds)} seeds = {len(methods) * len(seeds)} "
+        f"cells in {workdir.path('cells')}")
+    try:
+        rows = studies.run(workdir.root, methods, seeds, settings=settings, train=train,
+                           evaluate=lambda model: evaluate_student(model, data),
+                           epochs=FLAGS.epochs, log=lambda m: say(f"[study] {m}"),
+                           evaluation=evaluation)
+    except WorkdirError as err:
+        fail(f"a study cell holds another run: {err}; give the study another --workdir")
+    summary = studies.write_report(workdir.root, rows, reference=FLAGS.study_reference)
+    t = workdir.read_json("metrics.json", {}).get("teacher")
+    if t:
+        say(f"\nteacher: clean {t['clean_accuracy']:.4f}, worst case "
+            f"{t['worst_case_accuracy']:.4f}")
+    say("\n" + studies.format_table(summary))
+    say(f"\nwrote {', '.join(workdir.path(n) for n in ('study.csv', 'study.json', 'study.png'))}")
+
+
+def load_data(seed):
+    """The run's data with shuffling and augmentation seeded by `seed`."""
+    import ardir_tf
+    return ardir_tf.data.load(FLAGS.dataset, FLAGS.batch_size, seed=seed,
+                              data_dir=FLAGS.data_dir, download=FLAGS.download,
+                              augment=FLAGS.augment)
+
 
 def train_teacher(workdir, data):
     evaluate_and_report(workdir, data, {"teacher": teacher_model(workdir, data)})
@@ -479,11 +597,13 @@ def claim(workdir):
 
 
 MODES = {"train_teacher": train_teacher, "distill": distill, "evaluate": evaluate_mode,
-         "export": export}  # and serve, which needs none of their set-up
+         "export": export, "study": study}  # and serve, which needs none of their set-up
 
 
 def default_workdir():
     dataset = FLAGS.dataset.replace("npz:", "npz-").replace(os.sep, "_")
+    if FLAGS.mode == "study":
+        return os.path.join("runs", f"study-{dataset}")
     method = FLAGS.teacher_method if FLAGS.mode == "train_teacher" else FLAGS.method
     mode = "distill" if FLAGS.mode in ("evaluate", "export", "serve") else FLAGS.mode
     return os.path.join("runs", f"{mode}-{dataset}-{method}")
@@ -528,9 +648,7 @@ def main(argv):
     keras.utils.set_random_seed(FLAGS.seed)
     keras.mixed_precision.set_global_policy(FLAGS.precision)
     try:
-        data = ardir_tf.data.load(FLAGS.dataset, FLAGS.batch_size, seed=FLAGS.seed,
-                                  data_dir=FLAGS.data_dir, download=FLAGS.download,
-                                  augment=FLAGS.augment)
+        data = load_data(FLAGS.seed)
     except ardir_tf.data.DataError as err:
         fail(str(err))
     say(f"{FLAGS.mode}: {data.name} {data.input_shape}, {data.num_classes} classes, "
@@ -538,7 +656,7 @@ def main(argv):
     try:
         with strategy.scope():
             check_models(workdir, data)
-            if FLAGS.mode in ("distill", "train_teacher"):
+            if FLAGS.mode in ("distill", "train_teacher", "study"):
                 claim(workdir)
                 if strategy.num_replicas_in_sync > 1:
                     distribute.barrier(strategy)  # no worker reads it before it is claimed

@@ -11,7 +11,8 @@ needs one exposed forward pass per input.
 One training step (K = attack steps):
     1. teacher(x), inference mode, once: logits and named features; they serve
        both the attack objective and the loss.
-    2. x' = PGD on the student (inference mode) within the eps-ball around x.
+    2. x' = PGD on the student (inference mode) within the eps-ball around x
+       (and teacher(x') when ir_teacher_input is "adv" or "both").
     3. student(x') (and student(x) when the loss has a clean term) in training
        mode, under the tape; the method's per-example loss, reduced with the
        global batch size; gradients to the student and the adapters only.
@@ -132,7 +133,16 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
       temperature: softmax temperature of the KD term (ard, ardir; RSLAD's
         soft labels are at temperature 1).
       ir_weight: weight of the IR term (ardir); 0 makes ARDIR equal to ARD.
-      distance: IR distance, "normalized_mse" (default), "mse" or "cosine".
+      distance: IR distance, "normalized_mse" (default), "mse" or "cosine"
+        (normalized_mse is exactly 2 * cosine).
+      ir_teacher_input: which input gives the teacher representation the
+        student's adversarial one is pulled towards: "clean" x (default),
+        "adv" x' (one more teacher pass a step) or "both" (the mean of the two
+        distances).
+      ir_student_input: "adv" (default): the student's representation on x'
+        is matched; "both": also the student's on the clean x against the
+        teacher's on x (the student's clean pass is then run even when
+        alpha = 1).
       adapters: when a pair's shapes differ, learn an adapter (True) or raise.
       eval_attack: attack used by `test_step`; defaults to `attack` with CE.
 
@@ -151,7 +161,8 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
 
     def __init__(self, teacher, student, layers=(), *, attack, method="ardir",
                  attack_objective=None, alpha=None, temperature=1.0, ir_weight=1.0,
-                 distance="normalized_mse", adapters=True, eval_attack=None,
+                 distance="normalized_mse", ir_teacher_input="clean",
+                 ir_student_input="adv", adapters=True, eval_attack=None,
                  name="ardir_distiller", **kwargs):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
@@ -181,6 +192,20 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
         if distance not in losses.DISTANCES:
             raise ValueError(f"unknown distance {distance!r}; valid: "
                              f"{', '.join(losses.DISTANCES)}")
+        if ir_teacher_input not in losses.IR_TEACHER_INPUTS:
+            raise ValueError(f"unknown ir_teacher_input {ir_teacher_input!r}; valid: "
+                             f"{', '.join(losses.IR_TEACHER_INPUTS)}")
+        if ir_student_input not in losses.IR_STUDENT_INPUTS:
+            raise ValueError(f"unknown ir_student_input {ir_student_input!r}; valid: "
+                             f"{', '.join(losses.IR_STUDENT_INPUTS)}")
+        if method != "ardir" and (ir_teacher_input, ir_student_input) != ("clean", "adv"):
+            raise ValueError("ir_teacher_input and ir_student_input choose the inputs of "
+                             f"the IR term, which only method='ardir' has (got {method!r})")
+        if attack_objective == "ardir" and ir_teacher_input != "clean":
+            raise ValueError("attack_objective='ardir' maximises the loss against fixed "
+                             "targets, the teacher's on the clean x; with ir_teacher_input="
+                             f"{ir_teacher_input!r} the targets move with x': use "
+                             "attack_objective='ce' or 'kl'")
         pairs = [layer_pair(p) for p in (layers or ())]
         if method != "ardir" and pairs:
             raise ValueError(f"layers are matched only by method='ardir'; method "
@@ -193,7 +218,9 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
             raise ValueError("attack_objective='ardir' needs method='ardir'")
         super().__init__(student, attack, eval_attack,
                          train_metrics=self._term_names(method, alpha, ir_weight),
-                         clean_accuracy=self._has_clean_term(method, alpha), name=name,
+                         clean_accuracy=self._has_clean_pass(method, alpha,
+                                                             ir_student_input),
+                         name=name,
                          **kwargs)
         self.student = student
         # The teacher is kept out of Keras' tracking: the distiller's weights
@@ -206,6 +233,7 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
         self.method, self.attack_objective = method, attack_objective
         self.alpha, self.temperature = float(alpha), float(temperature)
         self.ir_weight, self.distance = float(ir_weight), distance
+        self.ir_teacher_input, self.ir_student_input = ir_teacher_input, ir_student_input
         self.pairs = pairs
 
         self._views.student = expose(student, [p.student for p in self.pairs])
@@ -267,9 +295,15 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
         super().compile(optimizer, loss, metrics, **kwargs)
 
     @staticmethod
-    def _has_clean_term(method, alpha):
-        """Whether the loss runs the student on the clean x (RSLAD; alpha < 1)."""
-        return method == "rslad" or alpha < 1
+    def _has_clean_pass(method, alpha, ir_student_input="adv"):
+        """Whether the loss runs the student on the clean x (RSLAD; alpha < 1;
+        the IR term on the student's clean representation)."""
+        return method == "rslad" or alpha < 1 or (method == "ardir"
+                                                  and ir_student_input == "both")
+
+    @property
+    def _ir_on(self):
+        return self.method == "ardir" and self.ir_weight > 0
 
     def _adapted(self, student_out):
         return [student_out[p.student] if a is None else a(student_out[p.student])
@@ -313,27 +347,43 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
         x, y = self._unpack((x, y))
         return self._adversarial(x, y, self._views.teacher(x, training=False))
 
-    def _loss_terms(self, y, s_clean, s_adv, teacher_out):
+    def _loss_terms(self, y, s_clean, s_adv, teacher_out, teacher_adv=None):
+        """The method's per-example terms. `s_clean` is the student's clean
+        output (a dict when the IR term reads its features, logits otherwise,
+        None without a clean pass); `teacher_adv` the teacher's on x' (only
+        with ir_teacher_input "adv" or "both")."""
         t_logits = teacher_out["logits"]
+        clean_logits = s_clean["logits"] if isinstance(s_clean, dict) else s_clean
         if self.method == "rslad":
-            return losses.rslad(s_clean, s_adv["logits"], t_logits, self.alpha)
+            return losses.rslad(clean_logits, s_adv["logits"], t_logits, self.alpha)
         if self.method == "ard":
-            return losses.ard(y, s_clean, s_adv["logits"], t_logits, self.alpha,
+            return losses.ard(y, clean_logits, s_adv["logits"], t_logits, self.alpha,
                               self.temperature)
-        adapted = self._adapted(s_adv) if self.ir_weight else []
-        return losses.ardir(y, s_clean, s_adv["logits"], t_logits, adapted,
-                            self._teacher_features(teacher_out), self.alpha,
-                            self.temperature, self.ir_weight, self.distance)
+        on = self._ir_on
+        return losses.ardir(
+            y, clean_logits, s_adv["logits"], t_logits, self._adapted(s_adv) if on else [],
+            self._teacher_features(teacher_out), self.alpha, self.temperature,
+            self.ir_weight, self.distance, teacher_input=self.ir_teacher_input,
+            teacher_features_adv=(self._teacher_features(teacher_adv)
+                                  if on and teacher_adv is not None else None),
+            student_features_clean=(self._adapted(s_clean)
+                                    if on and self.ir_student_input == "both" else None))
 
     def train_step(self, data):
         x, y = self._unpack(data)
         teacher_out = self._views.teacher(x, training=False)
         x_adv = self._adversarial(x, y, teacher_out)
+        teacher_adv = (self._views.teacher(x_adv, training=False)
+                       if self._ir_on and self.ir_teacher_input != "clean" else None)
         with tf.GradientTape() as tape:
             s_adv = self._views.student(x_adv, training=True)
-            s_clean = (self.student(x, training=True)
-                       if self._has_clean_term(self.method, self.alpha) else None)
-            terms = self._loss_terms(y, s_clean, s_adv, teacher_out)
+            s_clean = None
+            if self._ir_on and self.ir_student_input == "both":
+                s_clean = self._views.student(x, training=True)  # logits and features
+            elif self._has_clean_pass(self.method, self.alpha):
+                s_clean = self.student(x, training=True)
+            terms = self._loss_terms(y, s_clean, s_adv, teacher_out, teacher_adv)
             scaled = self.optimizer.scale_loss(self._reduce(terms["loss"]))
         self._apply(tape, scaled)
-        return self._report(y, terms, s_clean, s_adv["logits"])
+        clean_logits = s_clean["logits"] if isinstance(s_clean, dict) else s_clean
+        return self._report(y, terms, clean_logits, s_adv["logits"])

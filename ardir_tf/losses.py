@@ -19,6 +19,11 @@ import numbers
 import tensorflow as tf
 
 DISTANCES = ("normalized_mse", "mse", "cosine")
+# Which input gives the teacher's representation the student's adversarial one
+# is pulled towards, and which of the student's inputs are matched
+# (docs/objective.md, "Where the representations come from").
+IR_TEACHER_INPUTS = ("clean", "adv", "both")
+IR_STUDENT_INPUTS = ("adv", "both")
 
 
 def _f32(t):
@@ -61,6 +66,9 @@ def ir_distance(student_features, teacher_features, distance="normalized_mse"):
       distance: "normalized_mse" ||u/|u| - v/|v|||^2 on flattened features (in
         [0, 4]; scale-free, so a teacher with larger activations does not
         dominate); "mse" the mean squared difference; "cosine" 1 - cos(u, v).
+        normalized_mse is exactly 2 * cosine (||a - b||^2 = 2 - 2 a.b for unit
+        vectors): the same objective at twice the weight, kept because both
+        names are in use.
     """
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
@@ -144,19 +152,39 @@ def ir_term(student_features, teacher_features, distance="normalized_mse"):
 
 def ardir(y, student_logits_clean, student_logits_adv, teacher_logits,
           student_features_adv, teacher_features, alpha=0.9, temperature=1.0,
-          ir_weight=1.0, distance="normalized_mse"):
+          ir_weight=1.0, distance="normalized_mse", *, teacher_input="clean",
+          teacher_features_adv=None, student_features_clean=None):
     """ARDIR (Takahashi et al. 2022, arXiv 2211.00239), as docs/objective.md defines
     it (our reading of the paper's abstract; its full text is not available to us).
 
-    ARD plus ir_weight * mean over pairs d(A(h_s(x')), h_t(x)): the student's
-    internal representation on the adversarial input is pulled towards the
-    teacher's on the clean input. `student_features_adv` are already adapted
-    to the teacher's shapes. With ir_weight = 0 it is ARD exactly.
+    ARD plus ir_weight * the mean, over layer pairs and over the matches below,
+    of d(A(h_s(.)), h_t(.)). `student_features_*` are already adapted to the
+    teacher's shapes. The matches:
+      - the student's adversarial representation h_s(x') against the teacher's
+        on the clean input h_t(x) (`teacher_input="clean"`, the default:
+        `teacher_features`), on the adversarial input h_t(x') ("adv":
+        `teacher_features_adv`), or both ("both");
+      - with `student_features_clean` (the student's side "both"), also
+        h_s(x) against h_t(x).
+    With ir_weight = 0 it is ARD exactly.
     """
+    if teacher_input not in IR_TEACHER_INPUTS:
+        raise ValueError(f"unknown teacher_input {teacher_input!r}; valid: "
+                         f"{', '.join(IR_TEACHER_INPUTS)}")
     terms = ard(y, student_logits_clean, student_logits_adv, teacher_logits,
                 alpha, temperature)
     terms.pop("loss")
     if ir_weight:
-        terms["ir"] = ir_weight * ir_term(student_features_adv, teacher_features,
-                                          distance)
+        matches = []
+        if teacher_input in ("clean", "both"):
+            matches.append((student_features_adv, teacher_features))
+        if teacher_input in ("adv", "both"):
+            if teacher_features_adv is None:
+                raise ValueError(f"teacher_input={teacher_input!r} needs "
+                                 "teacher_features_adv (the teacher's on x')")
+            matches.append((student_features_adv, teacher_features_adv))
+        if student_features_clean is not None:
+            matches.append((student_features_clean, teacher_features))
+        terms["ir"] = ir_weight * tf.add_n(
+            [ir_term(s, t, distance) for s, t in matches]) / len(matches)
     return _terms(**terms)

@@ -1,7 +1,10 @@
 """Method studies: which differences between methods do the seeds support?
 
 A study is a grid of runs, methods x seeds, each evaluated with the same
-attacks on the same test images. Its rows are dicts
+attacks on the same test images. `run` trains and evaluates the grid, one
+ordinary resumable run directory per cell (`cells/<method>-seed<k>/`), so a
+killed study resumes where it stopped and a finished cell is never trained
+again. Its rows are dicts
 
     {"method": "ardir", "seed": 0, "clean_accuracy": 0.99,
      "worst_case_accuracy": 0.71, "robust_accuracy": {"pgd20": 0.73, ...},
@@ -13,21 +16,272 @@ seeds, so the seed-to-seed spread the two share cancels) with a Student-t
 confidence interval over the seeds. An interval that contains 0 is no evidence
 of a difference.
 
-Built so far: the report (`paired_difference`, `summarize`, `format_table`,
-`write_csv`, `write_json`, `plot`). Training the grid (`--mode=study`) is not
-built yet.
+Methods are named as `--study_methods` names them (`parse_method`): a base
+method (`natural`, `pgd_at`, `trades` on the student's architecture, `ard`,
+`rslad`, `ardir`), optionally with knobs, `ardir@ir_weight=0.5@distance=mse`,
+`ardir@layers=stage1:stage1+stage2:stage2`, or a name from a variants file.
 """
 
 import csv
+import dataclasses
 import json
 import math
 import os
+import re
+import time
 
 import numpy as np
 
-from ardir_tf.workdir import atomic_write
+from ardir_tf import losses, training
+from ardir_tf.workdir import Workdir, atomic_write
 
 METRICS = ("clean_accuracy", "worst_case_accuracy")
+
+BASES = ("natural", "pgd_at", "trades", "ard", "rslad", "ardir")
+_DISTILLERS = ("ard", "rslad", "ardir")
+ATTACK_OBJECTIVES = ("ce", "kl", "ardir")  # as distill.ATTACK_OBJECTIVES
+
+
+class StudyError(ValueError):
+    """A study that cannot run as asked (a bad method name, a bad variants file)."""
+
+
+def _number(text, low=None, high=None, above=None):
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        try:
+            num, _, den = str(text).partition("/")
+            value = float(num) / float(den) if den else float(num)
+        except (ValueError, ZeroDivisionError):
+            raise StudyError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or (low is not None and value < low) or \
+            (high is not None and value > high) or (above is not None and value <= above):
+        bounds = (f"> {above}" if above is not None else
+                  f"in [{low}, {high}]" if high is not None else f">= {low}")
+        raise StudyError(f"expected a number {bounds}, got {text!r}")
+    return value
+
+
+def _choice(options):
+    def parse(text):
+        if text not in options:
+            raise StudyError(f"expected one of {', '.join(options)}, got {text!r}")
+        return text
+    return parse
+
+
+def _layers(text):
+    items = text if isinstance(text, (list, tuple)) else str(text).split("+")
+    pairs = tuple(tuple(str(p).split(":")) for p in items)
+    if not pairs or any(len(p) != 2 or not all(p) for p in pairs):
+        raise StudyError("expected student_layer:teacher_layer pairs joined by +, e.g. "
+                         f"stage1:stage1+stage2:stage2, got {text!r}")
+    return pairs
+
+
+# The knobs a method name may set: knob -> (parser, the base methods taking it).
+# Their names are the distiller's (and the trainer's) arguments; main.py maps
+# them onto its flags (beta is --trades_beta).
+KNOBS = {
+    "ir_weight": (lambda v: _number(v, low=0), ("ardir",)),
+    "distance": (_choice(losses.DISTANCES), ("ardir",)),
+    "layers": (_layers, ("ardir",)),
+    "ir_teacher_input": (_choice(losses.IR_TEACHER_INPUTS), ("ardir",)),
+    "ir_student_input": (_choice(losses.IR_STUDENT_INPUTS), ("ardir",)),
+    "alpha": (lambda v: _number(v, 0, 1), _DISTILLERS),
+    "temperature": (lambda v: _number(v, above=0), ("ard", "ardir")),
+    "attack_objective": (_choice(ATTACK_OBJECTIVES), _DISTILLERS),
+    "beta": (lambda v: _number(v, low=0), ("trades",)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One row of a study: `name` as written, its `base` method and the knobs
+    it sets (`options`, sorted (knob, value) pairs; the rest come from the
+    study's own settings)."""
+    name: str
+    base: str
+    options: tuple = ()
+
+    @property
+    def kwargs(self):
+        return dict(self.options)
+
+    @property
+    def slug(self):
+        """The name as a directory name."""
+        return re.sub(r"[^A-Za-z0-9._=@+-]", "_", self.name.replace(":", "-"))
+
+
+def _method(name, base, options):
+    if base not in BASES:
+        raise StudyError(f"{name!r}: unknown method {base!r}; valid: {', '.join(BASES)} "
+                         "(or a name from the variants file)")
+    parsed = {}
+    for key, value in options:
+        if key not in KNOBS:
+            raise StudyError(f"{name!r}: unknown knob {key!r}; valid: {', '.join(KNOBS)}")
+        parse, bases = KNOBS[key]
+        if base not in bases:
+            raise StudyError(f"{name!r}: {key} is a knob of {', '.join(bases)}, not of {base}")
+        try:
+            parsed[key] = parse(value)
+        except StudyError as err:
+            raise StudyError(f"{name!r}: {key}: {err}") from None
+    if parsed.get("attack_objective") == "ardir" and base != "ardir":
+        raise StudyError(f"{name!r}: attack_objective=ardir needs the ardir method")
+    return Method(name, base, tuple(sorted(parsed.items())))
+
+
+def parse_method(text, variants=None):
+    """A Method from a name: `ardir`, `ardir@ir_weight=0.5@distance=mse`, or a
+    key of `variants` ({name: "base@knob=value..." or {"method": base, knob:
+    value, ...}}, as a --study_variants JSON file holds). Raises StudyError."""
+    text = str(text).strip()
+    if variants and text in variants:
+        spec = variants[text]
+        if isinstance(spec, str):
+            return dataclasses.replace(parse_method(spec), name=text)
+        if not isinstance(spec, dict) or "method" not in spec:
+            raise StudyError(f"variant {text!r} must be a method name such as "
+                             '"ardir@ir_weight=0.5" or an object {"method": "ardir", '
+                             f'"ir_weight": 0.5}}; got {spec!r}')
+        return _method(text, spec["method"],
+                       [(k, v) for k, v in spec.items() if k != "method"])
+    base, *knobs = text.split("@")
+    options = []
+    for knob in knobs:
+        key, eq, value = knob.partition("=")
+        if not eq or not key or not value:
+            raise StudyError(f"{text!r}: knobs are written @name=value, e.g. "
+                             f"ardir@ir_weight=0.5; got {knob!r}")
+        options.append((key, value))
+    return _method(text, base, options)
+
+
+def load_variants(path):
+    """A --study_variants JSON file: {name: spec} (see `parse_method`), each
+    checked. Raises StudyError naming what is wrong."""
+    try:
+        with open(path) as f:
+            variants = json.load(f)
+    except OSError as err:
+        raise StudyError(f"cannot read {path}: {err.strerror}") from None
+    except ValueError as err:
+        raise StudyError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(variants, dict):
+        raise StudyError(f"{path} must hold an object {{name: method}}, e.g. "
+                         '{"ardir-half": "ardir@ir_weight=0.5"}')
+    for name in variants:
+        if "@" in name or "," in name or name in BASES:
+            raise StudyError(f"{path}: variant name {name!r} must not contain @ or , nor "
+                             "be a base method's name")
+        parse_method(name, variants)
+    return variants
+
+
+def grid(methods, seeds):
+    """The cells in the order a study runs them: every method for the first
+    seed, then for the next, so a study stopped early has whole seeds to pair."""
+    return [(m, s) for s in seeds for m in methods]
+
+
+def cell_workdir(root, method, seed):
+    return Workdir(os.path.join(root, "cells", f"{method.slug}-seed{seed}"))
+
+
+# What a cell holds beside an ordinary run's files: its evaluation under
+# metrics.json's "student", and in cell.json the training time and which
+# evaluation that is (written last: the cell is finished when it matches the
+# study's evaluation).
+CELL = "cell.json"
+
+
+def _row(method, seed, workdir):
+    report = workdir.read_json("metrics.json")["student"]
+    timing = workdir.read_json(CELL, {})
+    epochs = timing.get("epochs") or 0
+    order = report.get("attack_order") or list(report["robust_accuracy"])
+    return {"method": method.name, "seed": seed,
+            "clean_accuracy": report["clean_accuracy"],
+            "worst_case_accuracy": report["worst_case_accuracy"],
+            "robust_accuracy": {a: report["robust_accuracy"][a] for a in order},
+            "seconds_per_epoch": round(timing["seconds"] / epochs, 3) if epochs else None}
+
+
+def finished(workdir, evaluation=None):
+    """Whether a cell is trained and evaluated with `evaluation` (a dict naming
+    the attacks and examples; see `run`): it is then never run again."""
+    try:
+        return "student" in (workdir.read_json("metrics.json") or {}) and \
+            workdir.read_json(CELL, {}).get("evaluation") == evaluation
+    except ValueError:
+        return False
+
+
+def run(root, methods, seeds, *, settings, train, evaluate, epochs, evaluation=None,
+        log=None):
+    """Trains and evaluates every cell of methods x seeds not finished yet.
+
+    Args:
+      root: the study's directory; cell k is root/cells/<method>-seed<k>/.
+      methods: Method objects; seeds: integers.
+      settings: fn(method, seed) -> the cell's settings (its flags.json); a cell
+        directory holding other settings raises workdir.WorkdirError.
+      train: fn(method, seed, workdir) -> the trained keras.Model, resuming
+        from workdir's backup (phase "student", saved as student.keras).
+      evaluate: fn(model) -> an `evaluate.evaluate` report; the same attacks,
+        seed and test images for every cell.
+      epochs: the epochs a cell trains (for its seconds per epoch).
+      evaluation: a JSON-able dict naming what `evaluate` does (attacks, steps,
+        examples, seed). A trained cell evaluated otherwise is evaluated again
+        (not trained again), so every row of the report comes from the same
+        evaluation.
+      log: fn(str) told what each cell does (None: quiet).
+
+    Returns the rows, in grid order.
+    """
+    log = log or (lambda message: None)
+    cells = grid(methods, seeds)
+    rows = []
+    for i, (method, seed) in enumerate(cells, 1):
+        workdir = cell_workdir(root, method, seed)
+        workdir.claim(settings(method, seed))
+        where = f"cell {i} of {len(cells)} ({method.name}, seed {seed})"
+        if finished(workdir, evaluation):
+            log(f"{where}: finished earlier, reused")
+        else:
+            log(f"{where}: {len(cells) - i} more after it, in {workdir.root}")
+            timing = workdir.read_json(CELL, {"seconds": 0.0, "epochs": 0})
+            timing.pop("evaluation", None)  # until the new one is written
+            workdir.write_json(CELL, timing)
+            trained = 0 if workdir.exists("student.keras") else \
+                epochs - training.resumable_epoch(workdir, "student")
+            start = time.perf_counter()
+            model = train(method, seed, workdir)
+            if trained:  # training time, tracing included, over the epochs this call ran
+                timing = {"seconds": timing["seconds"] + time.perf_counter() - start,
+                          "epochs": timing["epochs"] + trained}
+                workdir.write_json(CELL, timing)
+            workdir.write_json("metrics.json", {"student": evaluate(model)})
+            workdir.write_json(CELL, dict(timing, evaluation=evaluation))
+        row = _row(method, seed, workdir)
+        log(f"{where}: clean {row['clean_accuracy']:.4f}, worst case "
+            f"{row['worst_case_accuracy']:.4f}")
+        rows.append(row)
+    return rows
+
+
+def write_report(root, rows, reference="ard", metric="worst_case_accuracy",
+                 confidence=0.95, attacks=None):
+    """study.csv, study.json and study.png in `root`; returns the summary."""
+    summary = summarize(rows, reference, metric, confidence)
+    write_csv(rows, os.path.join(root, "study.csv"), attacks)
+    write_json(rows, summary, os.path.join(root, "study.json"))
+    plot(summary, os.path.join(root, "study.png"))
+    return summary
 
 
 def t_quantile(confidence, dof):
@@ -120,9 +374,10 @@ def format_table(summary):
     from the reference with its interval (and whether it excludes 0)."""
     metric, ref = summary["metric"], summary["reference"]
     pct = round(summary["confidence"] * 100)
-    lines = [f"{'method':16} {'n':>2}  {'clean':>17}  {metric.replace('_accuracy', ''):>17}  "
+    w = max(16, *(len(m) for m in summary["methods"]))
+    lines = [f"{'method':{w}} {'n':>2}  {'clean':>17}  {metric.replace('_accuracy', ''):>17}  "
              f"vs {ref} (paired, {pct}% interval)",
-             "-" * 96]
+             "-" * (w + 80)]
     for m, e in summary["methods"].items():
         text = "reference"
         if m in summary["paired"]:
@@ -132,7 +387,7 @@ def format_table(summary):
             else:
                 verdict = "excludes 0" if p["low"] > 0 or p["high"] < 0 else "contains 0"
                 text = f"{p['mean']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}] {verdict}"
-        lines.append(f"{m:16} {e['n']:>2}  {_pm(e['mean']['clean_accuracy'], e['std']['clean_accuracy']):>17}  "
+        lines.append(f"{m:{w}} {e['n']:>2}  {_pm(e['mean']['clean_accuracy'], e['std']['clean_accuracy']):>17}  "
                      f"{_pm(e['mean'][metric], e['std'][metric]):>17}  {text}")
     return "\n".join(lines)
 

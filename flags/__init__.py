@@ -10,11 +10,11 @@ import os
 from absl import flags
 
 from ardir_tf import (adversarial, data, distill, distribute, evaluate, losses, models,
-                      teachers, training)
+                      study, teachers, training)
 from export import artifacts
 
 FLAGS = flags.FLAGS
-MODES = ("train_teacher", "distill", "evaluate", "export", "serve")
+MODES = ("train_teacher", "distill", "evaluate", "export", "serve", "study")
 PRESETS = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -148,7 +148,16 @@ def define_flags():
               "5/6 for rslad).")
     flags.DEFINE_float("temperature", 1.0, "Temperature of the KD term.")
     flags.DEFINE_float("ir_weight", 1.0, "Weight of the IR term (0: ARD).")
-    flags.DEFINE_enum("distance", "normalized_mse", list(losses.DISTANCES), "IR distance.")
+    flags.DEFINE_enum("distance", "normalized_mse", list(losses.DISTANCES), "IR distance "
+                      "(normalized_mse is exactly 2 x cosine: the same objective at twice "
+                      "the --ir_weight).")
+    flags.DEFINE_enum("ir_teacher_input", "clean", list(losses.IR_TEACHER_INPUTS),
+                      "Whose teacher representation the student's adversarial one is pulled "
+                      "towards: the teacher's on the clean x, on the adversarial x' (one "
+                      "more teacher pass a step), or both (the mean of the two distances).")
+    flags.DEFINE_enum("ir_student_input", "adv", list(losses.IR_STUDENT_INPUTS),
+                      "The student's side of the IR term: its representation on x' (adv), "
+                      "or also its representation on x matched to the teacher's on x (both).")
     flags.DEFINE_enum("attack_objective", None, list(distill.ATTACK_OBJECTIVES),
                       "What PGD maximises while distilling (default: ce; kl for rslad).")
     flags.DEFINE_float("trades_beta", 6.0, "TRADES' beta (teacher_method=trades).")
@@ -163,6 +172,19 @@ def define_flags():
     flags.DEFINE_list("decay_at", ["0.5", "0.75"], "Where a piecewise schedule decays, as "
                       "fractions of each phase's epochs (0.5,0.75 of 200 = epochs 100, 150).")
     flags.DEFINE_float("decay_factor", 0.1, "Piecewise decay factor.")
+    # Study.
+    flags.DEFINE_list("study_methods", ["pgd_at", "ard", "rslad", "ardir"],
+                      "--mode=study: the methods compared, each trained --study_seeds times "
+                      "on the student's architecture: natural, pgd_at, trades, ard, rslad, "
+                      "ardir, a variant such as ardir@ir_weight=0.5@distance=mse or "
+                      "ardir@layers=stage1:stage1+stage2:stage2, or a name from "
+                      "--study_variants.")
+    flags.DEFINE_integer("study_seeds", 3, "--mode=study: seeds per method (0, 1, ...).")
+    flags.DEFINE_string("study_reference", "ard", "--mode=study: the method every other "
+                        "is compared with (paired over seeds); one of --study_methods.")
+    flags.DEFINE_string("study_variants", None, "--mode=study: a JSON file of named "
+                        'variants, {"ardir-half": "ardir@ir_weight=0.5", "ardir-mse": '
+                        '{"method": "ardir", "distance": "mse"}}, usable in --study_methods.')
     # Export and serving.
     flags.DEFINE_string("export_dir", None, "Where --mode=export writes and --mode=serve "
                         "reads (default: <workdir>/export).")
@@ -240,6 +262,12 @@ def define_flags():
         ["method", "temperature"], lambda f: f["method"] != "rslad" or f["temperature"] == 1,
         message="--temperature: method rslad uses temperature 1 (the teacher's plain softmax)")
     flags.register_multi_flags_validator(
+        ["attack_objective", "ir_teacher_input"],
+        lambda f: f["attack_objective"] != "ardir" or f["ir_teacher_input"] == "clean",
+        message="--attack_objective=ardir maximises the loss against the teacher's clean "
+                "representation; with --ir_teacher_input=adv or both the targets move with "
+                "x': use --attack_objective=ce or kl")
+    flags.register_multi_flags_validator(
         ["method", "attack_objective"],
         lambda f: f["attack_objective"] != "ardir" or f["method"] == "ardir",
         message="--attack_objective=ardir needs --method=ardir")
@@ -248,9 +276,54 @@ def define_flags():
         lambda f: f["method"] != "ardir" or f["ir_weight"] == 0 or f["layers"],
         message="--layers: method ardir needs at least one student_layer:teacher_layer pair "
                 "(or --ir_weight=0, which is ARD)")
+    _check("study_seeds", lambda v: v >= 1, "must be >= 1")
+    flags.register_multi_flags_validator(
+        ["study_methods", "study_variants", "study_reference"], _valid_study,
+        message="--study_methods: not a valid study")
     flags.register_multi_flags_validator(
         ["batch_size", "devices"], lambda f: f["batch_size"] % f["devices"] == 0,
         message="--batch_size must be a multiple of --devices (each replica gets an equal share)")
+
+
+def _study_methods(values):
+    """(methods, None) or (None, error message)."""
+    try:
+        variants = study.load_variants(values["study_variants"]) \
+            if values["study_variants"] else None
+    except study.StudyError as err:
+        return None, f"--study_variants: {err}"
+    try:
+        return [study.parse_method(m, variants) for m in values["study_methods"]], None
+    except study.StudyError as err:
+        return None, f"--study_methods: {err}"
+
+
+def _valid_study(values):
+    """The study flags hang together; raises a ValidationError saying what is wrong."""
+    methods, error = _study_methods(values)
+    if error:
+        raise flags.ValidationError(error)
+    names = [m.name for m in methods]
+    if not names or len(set(names)) != len(names):
+        raise flags.ValidationError(f"--study_methods must name each method once, got "
+                                    f"{','.join(names)}")
+    slugs = [m.slug for m in methods]
+    if len(set(slugs)) != len(slugs):
+        raise flags.ValidationError("--study_methods: two names map to one cell directory")
+    if values["study_reference"] not in names:
+        raise flags.ValidationError(f"--study_reference={values['study_reference']} must be "
+                                    f"one of --study_methods ({','.join(names)})")
+    return True
+
+
+def study_methods():
+    """--study_methods as study.Method objects."""
+    return _study_methods({"study_methods": FLAGS.study_methods,
+                           "study_variants": FLAGS.study_variants})[0]
+
+
+# The study knobs (study.KNOBS) whose flag has another name.
+STUDY_KNOB_FLAGS = {"beta": "trades_beta"}
 
 
 def _is_number(text):
@@ -312,7 +385,10 @@ def settings():
     skip = {"verbose", "overwrite", "eval_examples", "sanity_examples", "export_dir", "download", "data_dir",
             "attacks", "sequential_attacks", "opset", "parity_examples", "onnx_path", "host",
             "port", "max_batch", "max_body_mb", "batch_delay_ms", "strategy", "num_workers",
-            "jit_compile", "check_teacher"}
+            "jit_compile", "check_teacher", "study_methods", "study_seeds",
+            "study_reference", "study_variants"}
+    if FLAGS.mode == "study":  # a study re-evaluates its cells when these change
+        skip |= {"eval_steps"}
     own = FLAGS.flags_by_module_dict()[__name__]
     return {f.name: f.value for f in own if f.name not in skip
             and not (f.name in ONLY_WHEN_SET and f.value == f.default)}
@@ -320,4 +396,5 @@ def settings():
 
 # Recorded in flags.json only when set away from their default, so that a run
 # written before they existed still resumes (its flags.json lacks them).
-ONLY_WHEN_SET = ("teacher_layout", "teacher_input_scale", "teacher_mean", "teacher_std")
+ONLY_WHEN_SET = ("teacher_layout", "teacher_input_scale", "teacher_mean", "teacher_std",
+                 "ir_teacher_input", "ir_student_input")

@@ -118,6 +118,32 @@ def test_ir_weight_zero_trains_exactly_like_ard():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("teacher_input,student_input", [
+    ("clean", "adv"), ("adv", "adv"), ("both", "adv"), ("clean", "both")])
+def test_the_ir_inputs_are_the_ones_the_step_matches(teacher_input, student_input):
+    # The step's reported IR term against one computed by hand from the
+    # teacher's and the student's representations on x and x'.
+    keras.utils.set_random_seed(3)
+    d = distiller(attack=FIXED_ATTACK, ir_teacher_input=teacher_input,
+                  ir_student_input=student_input, alpha=1.0)
+    x, y = batch(16)
+    start = weights(d.student)
+    x_adv = d.adversarial_examples(x, y)
+    t_view = models.expose(d.teacher, ["stage2"])
+    t_clean, t_adv = t_view(x, training=False)["stage2"], t_view(x_adv, training=False)["stage2"]
+    s_adv = d._adapted(d._views.student(x_adv, training=True))[0]
+    s_clean = d._adapted(d._views.student(x, training=True))[0]
+    matches = {"clean": [(s_adv, t_clean)], "adv": [(s_adv, t_adv)],
+               "both": [(s_adv, t_clean), (s_adv, t_adv)]}[teacher_input]
+    if student_input == "both":
+        matches.append((s_clean, t_clean))
+    expected = np.mean([losses.ir_distance(s, t).numpy() for s, t in matches], axis=0).mean()
+    d.student.set_weights(start)  # the hand passes moved BatchNorm's moving statistics
+    logs = d.train_on_batch(x, y, return_dict=True)
+    assert logs["ir"] == pytest.approx(float(expected), rel=1e-5)
+    assert ("clean_accuracy" in logs) == (student_input == "both")  # alpha = 1: no CE pass
+
+
 def one_step(ir_weight, seed=6):
     """The student's weights after one SGD step (lr 0.1) of a fresh distiller."""
     keras.utils.set_random_seed(seed)
@@ -278,6 +304,10 @@ def test_one_device_and_two_replicas_train_the_same_weights(mirrored):
     (dict(teacher="teacher.keras"), "teacher must be a keras.Model.*load_model"),
     (dict(attack=ATTACK.replace(loss="kl")), "attack_objective='kl'"),
     (dict(method="rslad", layers=[], temperature=4.0), "rslad' uses temperature 1"),
+    (dict(ir_teacher_input="noisy"), "unknown ir_teacher_input 'noisy'"),
+    (dict(ir_student_input="clean"), "unknown ir_student_input 'clean'"),
+    (dict(method="ard", layers=[], ir_student_input="both"), "only method='ardir' has"),
+    (dict(attack_objective="ardir", ir_teacher_input="adv"), "the targets move with x'"),
 ])
 def test_bad_arguments_say_which_and_why(kwargs, message):
     if "teacher" in kwargs:

@@ -99,6 +99,38 @@ def test_ardir_is_ard_plus_mean_ir_over_pairs():
     np.testing.assert_array_equal(zero["loss"].numpy(), ard.numpy())
 
 
+def test_ardir_ir_inputs_average_their_matches():
+    """teacher_input clean / adv / both and the student's clean side: the IR
+    term is the mean of the distances of the matches docs/objective.md lists."""
+    s_adv, s_clean, t_clean, t_adv = ([RNG.normal(size=(4, 6)).astype(np.float32)]
+                                      for _ in range(4))
+    def d(s, t):
+        return losses.ir_distance(s[0], t[0]).numpy()
+    def ir(**kw):
+        return losses.ardir(Y, S_CLEAN, S_ADV, T_LOGITS, s_adv, t_clean, 0.9, 1.0,
+                            ir_weight=2.0, **kw)["ir"].numpy()
+    np.testing.assert_allclose(ir(), 2 * d(s_adv, t_clean), rtol=1e-6)
+    np.testing.assert_allclose(ir(teacher_input="adv", teacher_features_adv=t_adv),
+                               2 * d(s_adv, t_adv), rtol=1e-6)
+    np.testing.assert_allclose(ir(teacher_input="both", teacher_features_adv=t_adv),
+                               d(s_adv, t_clean) + d(s_adv, t_adv), rtol=1e-6)
+    np.testing.assert_allclose(ir(student_features_clean=s_clean),
+                               d(s_adv, t_clean) + d(s_clean, t_clean), rtol=1e-6)
+    np.testing.assert_allclose(
+        ir(teacher_input="both", teacher_features_adv=t_adv, student_features_clean=s_clean),
+        2 / 3 * (d(s_adv, t_clean) + d(s_adv, t_adv) + d(s_clean, t_clean)), rtol=1e-6)
+    with pytest.raises(ValueError, match="needs teacher_features_adv"):
+        ir(teacher_input="adv")
+    with pytest.raises(ValueError, match="unknown teacher_input 'noisy'"):
+        ir(teacher_input="noisy")
+
+
+def test_normalized_mse_is_exactly_twice_cosine():
+    a, b = RNG.normal(size=(5, 3, 3, 4)), RNG.normal(size=(5, 3, 3, 4))
+    np.testing.assert_allclose(losses.ir_distance(a, b, "normalized_mse"),
+                               2 * losses.ir_distance(a, b, "cosine"), rtol=1e-5)
+
+
 def test_ard_with_alpha_one_needs_no_clean_logits():
     out = losses.ard(Y, None, S_ADV, T_LOGITS, alpha=1.0, temperature=1.0)
     assert set(out) == {"kd", "loss"}

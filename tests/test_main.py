@@ -212,15 +212,14 @@ def test_unprepared_tfds_dataset_fails_fast_with_how_to_prepare(bad_runs):
     assert proc.seconds < 60  # seconds of start-up, not minutes of retries
 
 
-def test_kill_9_mid_training_then_the_same_command_resumes(tmp_path):
-    args = [f"--workdir={tmp_path}", "--natural_epochs=0", "--epochs=6"]
+def kill_9_when(args, condition, timeout=300):
+    """Starts main.py with `args` and SIGKILLs it as soon as condition() holds."""
     proc = subprocess.Popen(command(*args), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    history = tmp_path / "history.csv"
-    deadline = time.time() + 300
+    deadline = time.time() + timeout
     try:
         while time.time() < deadline and proc.poll() is None:
-            if history.exists() and "student,2," in history.read_text():
+            if condition():
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -229,6 +228,12 @@ def test_kill_9_mid_training_then_the_same_command_resumes(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_kill_9_mid_training_then_the_same_command_resumes(tmp_path):
+    args = [f"--workdir={tmp_path}", "--natural_epochs=0", "--epochs=6"]
+    history = tmp_path / "history.csv"
+    kill_9_when(args, lambda: history.exists() and "student,2," in history.read_text())
     assert not (tmp_path / "student.keras").exists()
     again = ok(run(*args, "--verbose=2"))
     # Row 2 is written before epoch 2's backup, so epoch 1's backup at least exists.
@@ -244,6 +249,57 @@ def test_kill_9_mid_training_then_the_same_command_resumes(tmp_path):
     losses = [r for r in rows if r[0] == "student" and r[2] == "loss"]
     assert epochs == [1, 2, 3, 4, 5, 6] and len(losses) == 6
     assert (tmp_path / "student.keras").is_file()
+
+
+def test_a_killed_study_trains_only_its_missing_cells(tmp_path):
+    """--mode=study, 2 methods x 2 seeds on the smoke preset: killed with
+    SIGKILL in the second cell's training, the same command finishes the grid
+    without training a finished cell again; the report is the hand-computed
+    mean, spread and paired interval of the cells' own metrics."""
+    args = [f"--workdir={tmp_path}", "--mode=study", "--study_methods=ard,ardir",
+            "--study_seeds=2", "--epochs=2"]
+    backup = tmp_path / "cells" / "ardir-seed0" / "backup" / "student"
+    kill_9_when(args, lambda: backup.is_dir() and
+                any(p.name.startswith("epoch-") for p in backup.iterdir()))
+    first = tmp_path / "cells" / "ard-seed0" / "student.keras"
+    stamp = first.stat().st_mtime_ns
+    assert not (tmp_path / "study.csv").exists()
+    again = ok(run(*args))
+    out = again.stdout
+    assert "[study] cell 1 of 4 (ard, seed 0): finished earlier, reused" in out, out
+    assert "[ardir seed 0] resuming after epoch 1 of 2" in out, out
+    for cell in ("ard seed 1", "ardir seed 1"):
+        assert f"[{cell}] training for 2 epochs" in out, out
+    assert "[ard seed 0]" not in out and "[teacher] reusing" in out
+    assert first.stat().st_mtime_ns == stamp  # never trained, never saved again
+
+    worst = {(m, s): metrics(tmp_path / "cells" / f"{m}-seed{s}")["student"]
+             ["worst_case_accuracy"] for m in ("ard", "ardir") for s in (0, 1)}
+    by_hand = {}
+    for m in ("ard", "ardir"):
+        a, b = worst[m, 0], worst[m, 1]
+        by_hand[m] = ((a + b) / 2, abs(a - b) / 2 ** 0.5)  # mean, std (ddof 1) of two
+    d0, d1 = (worst["ardir", s] - worst["ard", s] for s in (0, 1))
+    mean, std = (d0 + d1) / 2, abs(d0 - d1) / 2 ** 0.5
+    half = 12.706204736174707 * std / 2 ** 0.5  # t(0.975, 1 dof), from tables
+    report = json.loads((tmp_path / "study.json").read_text())["summary"]
+    for m, (mu, sd) in by_hand.items():
+        assert report["methods"][m]["mean"]["worst_case_accuracy"] == pytest.approx(mu, abs=1e-12)
+        assert report["methods"][m]["std"]["worst_case_accuracy"] == pytest.approx(sd, abs=1e-12)
+    paired = report["paired"]["ardir"]
+    assert (paired["mean"], paired["low"], paired["high"]) == pytest.approx(
+        (mean, mean - half, mean + half), abs=1e-9)
+    rows = (tmp_path / "study.csv").read_text().splitlines()
+    assert rows[0].startswith("method,seed,clean_accuracy,fgsm,pgd2,cw_linf,worst_case_accuracy")
+    assert [r.split(",")[:2] for r in rows[1:]] == [["ard", "0"], ["ardir", "0"],
+                                                    ["ard", "1"], ["ardir", "1"]]
+    line = next(l for l in out.splitlines() if l.startswith("ardir "))
+    assert f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]" in line
+    assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
+    # A cell is an ordinary run: its flags.json names its method, seed and teacher.
+    cell = json.loads((tmp_path / "cells" / "ardir-seed1" / "flags.json").read_text())
+    assert (cell["method"], cell["seed"], cell["teacher"]) == \
+        ("ardir", 1, str(tmp_path / "teacher.keras"))
 
 
 def test_same_seed_same_metrics(digits_run, tmp_path, tmp_path_factory):
@@ -297,6 +353,18 @@ BAD = {
     "num_workers": (["--num_workers=2"], "--num_workers starts a local cluster: it needs"),
     "multi_worker_mode": (["--mode=evaluate", "--strategy=multi_worker"],
                           "--strategy=multi_worker trains"),
+    "study_knob": (["--mode=study", "--study_methods=ard,pgd_at@beta=1"],
+                   "'pgd_at@beta=1': beta is a knob of trades, not of pgd_at"),
+    "study_knob_value": (["--mode=study", "--study_methods=ard,ardir@ir_weight=-1"],
+                         "ir_weight: expected a number >= 0, got '-1'"),
+    "study_reference": (["--mode=study", "--study_methods=pgd_at,ardir"],
+                        "--study_reference=ard must be one of --study_methods (pgd_at,ardir)"),
+    "study_variants": (["--mode=study", "--study_variants=/no/variants.json"],
+                       "--study_variants: cannot read /no/variants.json"),
+    "study_layers": (["--mode=study", "--study_methods=ard,ardir@layers=stage9:stage2"],
+                     "--layers: student layer 'stage9' not in model"),
+    "ir_teacher_objective": (["--attack_objective=ardir", "--ir_teacher_input=adv"],
+                             "the targets move with x'"),
     "multi_worker_no_cluster": (["--strategy=multi_worker", "--natural_epochs=0"],
                                 "needs TF_CONFIG"),
     "default_devices": (["--strategy=default", "--devices=2"], "runs on one device"),
@@ -427,6 +495,45 @@ def test_the_committed_default_run_is_still_this_commands_run():
     finally:
         cli.FLAGS.unparse_flags()
     assert settings == json.loads((DIGITS_RUN / "flags.json").read_text())
+
+
+def test_the_mnist_preset_trains_on_tfds_mnist_and_on_a_28x28_npz(tmp_path):
+    """flags/mnist.cfg: the literature's threat model, and a distiller step with
+    its models and attack on both of the data paths it names (tfds mocked)."""
+    sys.path.insert(0, str(ROOT))
+    import flags as cli
+    import keras
+    import tensorflow_datasets as tfds
+    import ardir_tf
+    cli.define_flags()
+    npz = write_npz(tmp_path / "mnist28.npz", n_train=16, n_test=8, size=28, classes=10)
+    try:
+        cli.FLAGS(["main.py", f"--flagfile={ROOT / 'flags' / 'mnist.cfg'}"])
+        preset = {n: cli.FLAGS[n].value for n in ("dataset", "eps", "steps", "step_size",
+                                                  "eval_steps", "teacher_width",
+                                                  "student_width", "batch_size", "augment")}
+    finally:
+        cli.FLAGS.unparse_flags()
+    assert preset["dataset"] == "mnist" and preset["eps"] == pytest.approx(0.3)
+    assert (preset["steps"], preset["step_size"], preset["eval_steps"]) == (10, 0.075, 40)
+    attack = ardir_tf.attacks.PGD(eps=preset["eps"], step_size=preset["step_size"],
+                                  steps=preset["steps"])
+    for name in ("mnist", npz):
+        with tfds.testing.mock_data(num_examples=16):
+            data = ardir_tf.data.load(name, 8, augment=preset["augment"])
+            x, y = next(iter(data.train))
+        assert data.input_shape == (28, 28, 1) and data.num_classes == 10
+        keras.utils.set_random_seed(0)
+        teacher, student = (ardir_tf.models.build("small_cnn", data.input_shape, 10,
+                                                  width=preset[f"{r}_width"])
+                            for r in ("teacher", "student"))
+        d = ardir_tf.ARDIRDistiller(teacher=teacher, student=student,
+                                    layers=[("stage2", "stage2")], attack=attack)
+        d.compile(optimizer=keras.optimizers.Adam(1e-3))
+        x_adv = d.adversarial_examples(x, y).numpy()
+        assert np.abs(x_adv - x.numpy()).max() == pytest.approx(0.3, abs=1e-6)
+        logs = d.train_on_batch(x, y, return_dict=True)
+        assert logs["ir"] > 0 and np.isfinite(logs["loss"])
 
 
 def test_a_teacher_at_chance_stops_the_run_before_anything_is_written(bad_runs):

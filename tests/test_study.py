@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import pathlib
 
 import pytest
 
@@ -88,3 +89,100 @@ def test_the_files(tmp_path):
     assert saved["summary"]["paired"]["ardir"]["n"] == 3 and len(saved["rows"]) == 6
     png = study.plot(summary, tmp_path / "study.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_method_names_and_their_knobs():
+    m = study.parse_method("ardir@ir_weight=0.5@layers=stage1:stage1+stage2:stage2")
+    assert (m.base, m.kwargs) == ("ardir", {"ir_weight": 0.5, "layers": (
+        ("stage1", "stage1"), ("stage2", "stage2"))})
+    assert study.parse_method("ard@alpha=5/6").kwargs == {"alpha": pytest.approx(5 / 6)}
+    assert study.parse_method("trades@beta=3").kwargs == {"beta": 3.0}
+    assert study.parse_method("pgd_at") == study.Method("pgd_at", "pgd_at", ())
+    assert "/" not in m.slug and ":" not in m.slug
+    variants = {"half": "ardir@ir_weight=0.5",
+                "mse": {"method": "ardir", "distance": "mse", "ir_teacher_input": "both"}}
+    assert study.parse_method("half", variants) == study.Method(
+        "half", "ardir", (("ir_weight", 0.5),))
+    assert study.parse_method("mse", variants).kwargs == {"distance": "mse",
+                                                         "ir_teacher_input": "both"}
+    for text, message in [("kd", "unknown method 'kd'"),
+                          ("ard@ir_weight=1", "ir_weight is a knob of ardir, not of ard"),
+                          ("ardir@weight=1", "unknown knob 'weight'"),
+                          ("ardir@ir_weight", "knobs are written @name=value"),
+                          ("ardir@distance=l1", "distance: expected one of normalized_mse"),
+                          ("ardir@alpha=2", r"alpha: expected a number in \[0, 1\]"),
+                          ("ardir@layers=stage1", "student_layer:teacher_layer pairs"),
+                          ("rslad@attack_objective=ardir", "needs the ardir method")]:
+        with pytest.raises(study.StudyError, match=message):
+            study.parse_method(text)
+
+
+def test_variants_files(tmp_path):
+    path = tmp_path / "v.json"
+    path.write_text(json.dumps({"half": "ardir@ir_weight=0.5"}))
+    assert study.load_variants(path) == {"half": "ardir@ir_weight=0.5"}
+    for content, message in [("[1]", "must hold an object"), ("{", "not valid JSON"),
+                             ('{"ard": "ardir"}', "must not contain @ or , nor be a base"),
+                             ('{"x": {"distance": "mse"}}', 'an object {"method"'),
+                             ('{"x": "ardir@ir_weight=-1"}', "expected a number >= 0")]:
+        path.write_text(content)
+        with pytest.raises(study.StudyError, match=message):
+            study.load_variants(path)
+    with pytest.raises(study.StudyError, match="cannot read"):
+        study.load_variants(tmp_path / "missing.json")
+
+
+class FakeCells:
+    """train and evaluate for study.run without TensorFlow: a cell's "model" is
+    a file, its report a number derived from method and seed."""
+
+    def __init__(self):
+        self.trained, self.evaluated = [], []
+
+    def train(self, method, seed, workdir):
+        model = pathlib.Path(workdir.root) / "student.keras"
+        if not model.exists():  # as main.py's phase: a finished model is reused
+            self.trained.append((method.name, seed))
+            model.write_text(f"{method.name} {seed}")
+        return (method.name, seed)
+
+    def evaluate(self, model):
+        self.evaluated.append(model)
+        worst = 0.5 + 0.1 * model[1] + (0.05 if model[0] == "ardir" else 0)
+        return {"clean_accuracy": 0.9, "worst_case_accuracy": worst,
+                "robust_accuracy": {"pgd20": worst + 0.01, "apgd_ce": worst},
+                "attack_order": ["pgd20", "apgd_ce"]}
+
+
+def test_the_grid_runs_each_cell_once_and_reevaluates_on_a_new_evaluation(tmp_path):
+    methods = [study.parse_method("ard"), study.parse_method("ardir")]
+    cells = FakeCells()
+
+    def run(evaluation, seeds=(0, 1), settings=lambda m, s: {"method": m.name, "seed": s}):
+        return study.run(tmp_path, methods, list(seeds), settings=settings,
+                         train=cells.train, evaluate=cells.evaluate, epochs=3,
+                         evaluation=evaluation)
+
+    rows = run({"attacks": ["fast"]})
+    assert cells.trained == [("ard", 0), ("ardir", 0), ("ard", 1), ("ardir", 1)]  # seed-major
+    assert [(r["method"], r["seed"], r["worst_case_accuracy"]) for r in rows] == [
+        ("ard", 0, 0.5), ("ardir", 0, 0.55), ("ard", 1, 0.6), ("ardir", 1, 0.65)]
+    assert list(rows[0]["robust_accuracy"]) == ["pgd20", "apgd_ce"]  # the attacks' order
+    assert rows[0]["seconds_per_epoch"] is not None
+    cells.trained.clear(), cells.evaluated.clear()
+    assert run({"attacks": ["fast"]}) == rows and not cells.trained and not cells.evaluated
+    # A third seed trains only its own cells.
+    run({"attacks": ["fast"]}, seeds=(0, 1, 2))
+    assert cells.trained == [("ard", 2), ("ardir", 2)]
+    # Another evaluation evaluates every cell again and trains none.
+    cells.trained.clear(), cells.evaluated.clear()
+    run({"attacks": ["fast", "standard"]}, seeds=(0, 1, 2))
+    assert len(cells.evaluated) == 6 and not cells.trained
+    # A cell directory holding another run's settings is refused.
+    from ardir_tf.workdir import WorkdirError
+    with pytest.raises(WorkdirError, match="holds another run"):
+        run({"attacks": ["fast"]}, settings=lambda m, s: {"method": m.name, "seed": s, "lr": 1})
+    summary = study.write_report(tmp_path, rows)
+    assert summary["paired"]["ardir"]["mean"] == pytest.approx(0.05)
+    assert (tmp_path / "study.csv").read_text().splitlines()[0] == \
+        "method,seed,clean_accuracy,pgd20,apgd_ce,worst_case_accuracy,seconds_per_epoch"
