@@ -8,7 +8,11 @@ again. Its rows are dicts
 
     {"method": "ardir", "seed": 0, "clean_accuracy": 0.99,
      "worst_case_accuracy": 0.71, "robust_accuracy": {"pgd20": 0.73, ...},
-     "seconds_per_epoch": 1.9}
+     "seconds_per_epoch": 1.9, "reliable": True}
+
+("reliable": whether the evaluation's sanity checks passed; False when one
+failed, e.g. a gradient-free attack broke points the gradient attacks could
+not, None when they were not run)
 
 and this module reports them: per method the mean and standard deviation over
 seeds, and per method its paired difference from a reference method (the same
@@ -208,7 +212,8 @@ def _row(method, seed, workdir):
             "clean_accuracy": report["clean_accuracy"],
             "worst_case_accuracy": report["worst_case_accuracy"],
             "robust_accuracy": {a: report["robust_accuracy"][a] for a in order},
-            "seconds_per_epoch": round(timing["seconds"] / epochs, 3) if epochs else None}
+            "seconds_per_epoch": round(timing["seconds"] / epochs, 3) if epochs else None,
+            "reliable": report.get("reliable")}
 
 
 def finished(workdir, evaluation=None):
@@ -336,7 +341,8 @@ def summarize(rows, reference="ard", metric="worst_case_accuracy", confidence=0.
     paired difference in `metric` from `reference` over their common seeds.
 
     Returns {"reference", "metric", "confidence", "methods": {method: {"n",
-    "seeds", "mean": {metric: value}, "std": {metric: value or None}}},
+    "seeds", "mean": {metric: value}, "std": {metric: value or None},
+    "unreliable": how many of its rows' sanity checks failed}},
     "paired": {method: paired_difference(...)}} (no "paired" entry for the
     reference itself); methods keep the order of their first row.
     """
@@ -350,7 +356,8 @@ def summarize(rows, reference="ard", metric="worst_case_accuracy", confidence=0.
                "methods": {}, "paired": {}}
     for m in methods:
         seeds = sorted(by[m])
-        entry = {"n": len(seeds), "seeds": seeds, "mean": {}, "std": {}}
+        entry = {"n": len(seeds), "seeds": seeds, "mean": {}, "std": {},
+                 "unreliable": sum(by[m][s].get("reliable") is False for s in seeds)}
         for name in dict.fromkeys((*METRICS, metric)):
             values = np.array([by[m][s][name] for s in seeds], float)
             entry["mean"][name] = float(values.mean())
@@ -387,6 +394,8 @@ def format_table(summary):
             else:
                 verdict = "excludes 0" if p["low"] > 0 or p["high"] < 0 else "contains 0"
                 text = f"{p['mean']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}] {verdict}"
+        if e.get("unreliable"):
+            text += f"; sanity checks failed on {e['unreliable']} of {e['n']} seeds"
         lines.append(f"{m:{w}} {e['n']:>2}  {_pm(e['mean']['clean_accuracy'], e['std']['clean_accuracy']):>17}  "
                      f"{_pm(e['mean'][metric], e['std'][metric]):>17}  {text}")
     return "\n".join(lines)
@@ -399,7 +408,7 @@ def write_csv(rows, path, attacks=None):
     attacks = list(attacks or dict.fromkeys(a for r in rows
                                             for a in r.get("robust_accuracy", {})))
     fields = ["method", "seed", "clean_accuracy", *attacks, "worst_case_accuracy",
-              "seconds_per_epoch"]
+              "seconds_per_epoch", "reliable"]
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
@@ -410,6 +419,7 @@ def write_csv(rows, path, attacks=None):
                                  "clean_accuracy": r["clean_accuracy"],
                                  "worst_case_accuracy": r["worst_case_accuracy"],
                                  "seconds_per_epoch": r.get("seconds_per_epoch", ""),
+                                 "reliable": r.get("reliable", ""),
                                  **{a: r.get("robust_accuracy", {}).get(a, "")
                                     for a in attacks}})
     atomic_write(path, write)

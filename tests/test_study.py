@@ -64,6 +64,12 @@ def test_summarize_and_the_table():
     table = study.format_table(summary)
     line = next(l for l in table.splitlines() if l.startswith("ardir"))
     assert "0.7333 +- 0.0153" in line and "+0.0233 [-0.0284, +0.0750] contains 0" in line
+    assert "sanity checks failed" not in table
+    flagged = rows()
+    flagged[4]["reliable"] = False  # ardir, seed 1
+    summary_flagged = study.summarize(flagged)
+    assert summary_flagged["methods"]["ardir"]["unreliable"] == 1
+    assert "sanity checks failed on 1 of 3 seeds" in study.format_table(summary_flagged)
     assert "reference" in next(l for l in table.splitlines() if l.startswith("ard "))
     # A method whose seeds the reference lacks is paired on the common ones.
     extra = rows() + [{"method": "ardir", "seed": 7, "clean_accuracy": 0.9,
@@ -83,7 +89,7 @@ def test_the_files(tmp_path):
     with open(csv_path) as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == ["method", "seed", "clean_accuracy", "pgd20", "square",
-                              "worst_case_accuracy", "seconds_per_epoch"]
+                              "worst_case_accuracy", "seconds_per_epoch", "reliable"]
     assert len(table) == 6 and float(table[3]["worst_case_accuracy"]) == ARDIR[0]
     saved = json.loads(study.write_json(rows(), summary, tmp_path / "study.json").read_text())
     assert saved["summary"]["paired"]["ardir"]["n"] == 3 and len(saved["rows"]) == 6
@@ -185,4 +191,4 @@ def test_the_grid_runs_each_cell_once_and_reevaluates_on_a_new_evaluation(tmp_pa
     summary = study.write_report(tmp_path, rows)
     assert summary["paired"]["ardir"]["mean"] == pytest.approx(0.05)
     assert (tmp_path / "study.csv").read_text().splitlines()[0] == \
-        "method,seed,clean_accuracy,pgd20,apgd_ce,worst_case_accuracy,seconds_per_epoch"
+        "method,seed,clean_accuracy,pgd20,apgd_ce,worst_case_accuracy,seconds_per_epoch,reliable"
