@@ -400,11 +400,7 @@ def evaluate_and_report(workdir, data, trained):
             continue
         say(f"[evaluate] {name}: {', '.join(attacks)} at {FLAGS.norm} eps {FLAGS.eps:.4g}, "
             "then the sanity checks")
-        reports[name] = evaluate.evaluate(
-            model, data.test, FLAGS.eps, FLAGS.norm, attacks,
-            n_examples=FLAGS.eval_examples or None, sequential=FLAGS.sequential_attacks,
-            sanity_examples=FLAGS.sanity_examples,
-            seed=FLAGS.seed, verbose=int(FLAGS.verbose == 1))
+        reports[name] = evaluate_model(model, data)
     if not CHIEF:
         return
     metrics = workdir.read_json("metrics.json", {})
@@ -426,8 +422,9 @@ def evaluate_and_report(workdir, data, trained):
 
 # --- modes ------------------------------------------------------------------
 
-def evaluate_student(model, data):
-    """The evaluation every study cell gets: the same attacks, seed and images."""
+def evaluate_model(model, data):
+    """The evaluation the flags ask for (every model of a run, every cell of a
+    study: the same attacks, seed and images)."""
     from ardir_tf import evaluate
     return evaluate.evaluate(
         model, data.test, FLAGS.eps, FLAGS.norm,
@@ -455,7 +452,7 @@ def study(workdir, data):
     if isinstance(teacher, keras.Model) and known.get("study_evaluation") != evaluation:
         say("[teacher] evaluating it as every cell will be evaluated")
         workdir.write_json("metrics.json", {"teacher": dict(
-            evaluate_student(teacher, data), study_evaluation=evaluation)})
+            evaluate_model(teacher, data), study_evaluation=evaluation)})
 
     def settings(method, seed):
         # An ordinary run's flags.json (so --mode=evaluate and export work on a
@@ -478,7 +475,7 @@ def study(workdir, data):
         f"cells in {workdir.path('cells')}")
     try:
         rows = studies.run(workdir.root, methods, seeds, settings=settings, train=train,
-                           evaluate=lambda model: evaluate_student(model, data),
+                           evaluate=lambda model: evaluate_model(model, data),
                            epochs=FLAGS.epochs, log=lambda m: say(f"[study] {m}"),
                            evaluation=evaluation)
     except WorkdirError as err:
