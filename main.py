@@ -355,7 +355,7 @@ def cell_trainable(method, data, teacher, student=None):
     """The trainer of one study cell: `method` (a study.Method) on a new
     student (or `student`)."""
     from ardir_tf import AdversarialTrainer
-    student = student or build_student(data)
+    student = build_student(data) if student is None else student
     options = method.kwargs
     if method.base in ("natural", "pgd_at", "trades"):
         return AdversarialTrainer(student, attack=attack(FLAGS.steps), method=method.base,
@@ -478,8 +478,8 @@ def study(workdir, data):
                            evaluate=lambda model: evaluate_model(model, data),
                            epochs=FLAGS.epochs, log=lambda m: say(f"[study] {m}"),
                            evaluation=evaluation)
-    except WorkdirError as err:
-        fail(f"a study cell holds another run: {err}; give the study another --workdir")
+    except (studies.StudyError, WorkdirError) as err:
+        fail(str(err))
     summary = studies.write_report(workdir.root, rows, reference=FLAGS.study_reference)
     t = workdir.read_json("metrics.json", {}).get("teacher")
     if t:

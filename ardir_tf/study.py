@@ -234,7 +234,7 @@ def run(root, methods, seeds, *, settings, train, evaluate, epochs, evaluation=N
       root: the study's directory; cell k is root/cells/<method>-seed<k>/.
       methods: Method objects; seeds: integers.
       settings: fn(method, seed) -> the cell's settings (its flags.json); a cell
-        directory holding other settings raises workdir.WorkdirError.
+        directory holding other settings raises StudyError.
       train: fn(method, seed, workdir) -> the trained keras.Model, resuming
         from workdir's backup (phase "student", saved as student.keras).
       evaluate: fn(model) -> an `evaluate.evaluate` report; the same attacks,
@@ -253,7 +253,16 @@ def run(root, methods, seeds, *, settings, train, evaluate, epochs, evaluation=N
     rows = []
     for i, (method, seed) in enumerate(cells, 1):
         workdir = cell_workdir(root, method, seed)
-        workdir.claim(settings(method, seed))
+        wanted = settings(method, seed)
+        previous = workdir.read_json(Workdir.SETTINGS) if workdir.exists(Workdir.SETTINGS) \
+            else None
+        if previous is not None and previous != wanted:
+            changed = sorted(k for k in set(previous) | set(wanted)
+                             if previous.get(k) != wanted.get(k))
+            raise StudyError(f"{workdir.root} holds {method.name} seed {seed} trained with "
+                             f"other settings ({', '.join(changed[:4])} differ); give the "
+                             "changed method a new name, or delete that directory")
+        workdir.claim(wanted)
         where = f"cell {i} of {len(cells)} ({method.name}, seed {seed})"
         if finished(workdir, evaluation):
             log(f"{where}: finished earlier, reused")

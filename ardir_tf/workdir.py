@@ -83,7 +83,8 @@ class Workdir:
 
     # What a run writes here; --overwrite deletes these and nothing else.
     OWNED = ("flags.json", "natural.keras", "teacher.keras", "student.keras", "history.csv",
-             "metrics.json", "logs", "backup", "export", "workers")
+             "metrics.json", "logs", "backup", "export", "workers",
+             "cells", "study.csv", "study.json", "study.png")  # and a study's
 
     def claim(self, settings, overwrite=False):
         """Makes this directory the home of the run with `settings` (a dict).

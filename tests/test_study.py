@@ -185,8 +185,8 @@ def test_the_grid_runs_each_cell_once_and_reevaluates_on_a_new_evaluation(tmp_pa
     run({"attacks": ["fast", "standard"]}, seeds=(0, 1, 2))
     assert len(cells.evaluated) == 6 and not cells.trained
     # A cell directory holding another run's settings is refused.
-    from ardir_tf.workdir import WorkdirError
-    with pytest.raises(WorkdirError, match="holds another run"):
+    with pytest.raises(study.StudyError, match="ard seed 0 trained with other settings "
+                                               r"\(lr differ\)"):
         run({"attacks": ["fast"]}, settings=lambda m, s: {"method": m.name, "seed": s, "lr": 1})
     summary = study.write_report(tmp_path, rows)
     assert summary["paired"]["ardir"]["mean"] == pytest.approx(0.05)

@@ -14,8 +14,12 @@ def test_claim_resume_and_refuse(tmp_path):
         wd.claim({"eps": 0.2})
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == {"student": 1}
     (tmp_path / "run" / "my_notes.txt").write_text("keep")
+    (tmp_path / "run" / "cells" / "ard-seed0").mkdir(parents=True)  # a study's cells
+    (tmp_path / "run" / "study.csv").write_text("method,seed")
     wd.claim({"eps": 0.2}, overwrite=True)
     assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not (tmp_path / "run" / "cells").exists()
+    assert not (tmp_path / "run" / "study.csv").exists()
     assert (tmp_path / "run" / "my_notes.txt").read_text() == "keep"  # not the run's: kept
     assert json.loads((tmp_path / "run" / "flags.json").read_text()) == {"eps": 0.2}
 
