@@ -528,7 +528,7 @@ def evaluate_mode(workdir, data):
 
 def export(workdir, data):
     from ardir_tf import evaluate
-    from export import artifacts, parity
+    from export import artifacts, parity, repositories
     if not workdir.exists("student.keras"):
         fail(f"no student.keras in {workdir.root}; run --mode=distill first")
     student = load_model(workdir.path("student.keras"))
@@ -546,24 +546,22 @@ def export(workdir, data):
     try:
         card = artifacts.export(student, target, x, y, attack=attack(FLAGS.eval_steps),
                                 card=card, opset=FLAGS.opset,
+                                name=FLAGS.model_name or "student", max_batch=FLAGS.max_batch,
                                 log=lambda message: say(f"[export] {message}"))
     except artifacts.ExportError as err:
         fail(f"export to {target} failed: {err}")
     say("\n" + parity.format_table(card["parity"]))
-    say(f"\n[export] wrote {target}: {', '.join(card['files'])} and {artifacts.CARD}")
+    tops = sorted({name.split("/")[0] + ("/" if "/" in name else "") for name in card["files"]})
+    say(f"\n[export] wrote {target}: {', '.join(tops)} and {artifacts.CARD}")
+    commands = repositories.docker_commands(os.path.abspath(target), card["name"])
+    say(f"[export] serve it: ardir-serve --export_dir={target} (or --mode=serve), or\n"
+        f"  {commands['triton']}\n  {commands['tf_serving']}")
 
 
 def serve(workdir):
-    from export import server
-    export_dir = FLAGS.export_dir or workdir.path("export")
-    path = FLAGS.onnx_path or os.path.join(export_dir, "student.onnx")
-    if not os.path.isfile(path):
-        fail(f"no exported model at {path}; run --mode=export first, or pass --onnx_path")
-    limits = server.Limits(max_batch=FLAGS.max_batch,
-                           max_body_bytes=int(FLAGS.max_body_mb * 2**20),
-                           batch_delay_ms=FLAGS.batch_delay_ms)
+    from export import cli as serving  # the server of ardir-serve
     try:
-        server.serve(path, FLAGS.host, FLAGS.port, limits, log=say)
+        serving.serve(default_export_dir=workdir.path("export"), log=say)
     except (ValueError, OSError) as err:
         fail(str(err))
 
@@ -667,5 +665,13 @@ def main(argv):
              "(ARDIR_DEBUG=1 shows the traceback)")
 
 
-if __name__ == "__main__":
+def run():
+    """The console script `ardir-tf`: `python main.py` from anywhere, its preset
+    flagfiles (--flagfile=flags/NAME.cfg) found in the installed package."""
+    sys.argv = cli.resolve_flagfiles(sys.argv)
+    cli.list_in_help(__doc__)
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

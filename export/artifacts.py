@@ -8,9 +8,13 @@
     NAME.onnx         the same function in ONNX: input `images`, outputs `logits` and
                       `probabilities`, dynamic batch, float32, the opset asked for
     NAME.keras        the trained Keras model, unchanged (to fine-tune or re-export)
+    triton/NAME/      a Triton model repository entry: config.pbtxt, labels.txt,
+                      1/model.onnx (export/repositories.py)
+    tf_serving/NAME/  a TF Serving base path: 1/ holds the SavedModel
     model_card.json   what the model takes and returns, what it was trained for and how
                       robust it measured (from the caller's `card`), the parity checks,
-                      the opset, and the sha256 of every other file
+                      the opset, where each server's files are ("serving"), and the
+                      sha256 of every other file
 
 The exported function is the Keras model recomputed in float32: a mixed-precision
 model's float16 layers become float32 (deployment gets the trained weights
@@ -40,7 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from ardir_tf import keras_compat
-from export import parity
+from export import parity, repositories
 
 CARD = "model_card.json"
 SAVED_MODEL = "saved_model"
@@ -219,7 +223,7 @@ def card_from_run(settings, metrics, dataset, class_names, model="student"):
 
 def export(model, directory, x, y, *, attack, card=None, name="student",
            opset=DEFAULT_OPSET, tolerance=parity.TOLERANCE, batch_sizes=(1, 64),
-           log=None):
+           max_batch=256, log=None):
     """Writes `model` to `directory` (see the module doc) and returns its card.
 
     Args:
@@ -232,10 +236,12 @@ def export(model, directory, x, y, *, attack, card=None, name="student",
         the Keras model.
       card: dict of facts the caller knows (dataset, class names, threat
         model, accuracy, ...) merged into the model card.
-      name: file name of the .onnx and .keras files.
+      name: file name of the .onnx and .keras files, and the model's name in
+        the Triton and TF Serving repositories.
       opset: ONNX opset, MIN_OPSET to max_opset().
       tolerance: the parity checks' largest max |logit difference|.
       batch_sizes: the batch sizes parity runs at.
+      max_batch: the Triton config's max_batch_size.
       log: fn(str) told of each step, or None.
 
     Returns:
@@ -287,6 +293,12 @@ def export(model, directory, x, y, *, attack, card=None, name="student",
                               "\n  ".join(parity.failures(result)))
 
         shape = [None, *map(int, model.inputs[0].shape[1:])]
+        num_classes = int(serving.outputs[0].shape[-1])
+        log(f"writing {repositories.TRITON}/{name}/ (Triton) and "
+            f"{repositories.TF_SERVING}/{name}/ (TF Serving)")
+        servers = repositories.write(
+            tmp, name, os.path.join(tmp, f"{name}.onnx"), os.path.join(tmp, SAVED_MODEL),
+            shape[1:], num_classes, max_batch, (card or {}).get("class_names"))
         full = dict(card or {})
         full.update(
             format_version=1,
@@ -299,6 +311,7 @@ def export(model, directory, x, y, *, attack, card=None, name="student",
             onnx={"file": f"{name}.onnx", "opset": int(opset)},
             saved_model={"dir": SAVED_MODEL, "signature": "serve"},
             keras={"file": f"{name}.keras"},
+            serving=servers,
             dtype={"trained": trained_policy, "exported": "float32"},
             parity=result,
             versions=_versions(),

@@ -1,20 +1,24 @@
 """An HTTP server for an exported classifier, on aiohttp and ONNX Runtime.
 
-    GET  /healthz       {"status": "ok", "requests": n, "batches": n, ...}
+It speaks three protocols over one model, batcher and set of checks:
+
+    Open Inference Protocol (KServe V2, Triton)   /v2/...         export/open_inference.py
+    TensorFlow Serving REST                       /v1/models/...  export/tf_serving.py
+    this server's own                             /v1/predict     export/native.py
+
+    GET  /healthz       {"status": "ok", "requests": n, "batches": n, "images": n}
+    GET  /metrics       Prometheus text format (export/metrics.py)
     GET  /v1/metadata   the model card (model_card.json beside the .onnx, or what
                         the ONNX file itself says)
-    POST /v1/predict    a batch of images, float pixels in [0, 1], shape [N, H, W, C]:
-                          Content-Type: application/json   {"instances": [image, ...]}
-                          Content-Type: application/x-npy  the bytes of np.save(array)
-                        -> {"labels": [N], "classes": [N names], "probabilities": [N][K]}
 
-Bad input never reaches the model. It gets a 4xx with {"error": "..."} saying what was
-wrong and what is expected: 400 malformed JSON or .npy, no "instances", wrong rank or
-shape, non-numeric values, NaN or infinity, pixels outside [0, 1] (rejected, not
-clipped: a clipped image is not the one the client meant, and the model's robustness
-holds for the [0, 1] box it was trained on), an empty batch, a batch above
-`max_batch`; 413 a body above `max_body_bytes`; 415 another content type; 404 and
-405 for unknown paths and methods. A 500 means a bug on our side.
+The model is served under one name (`Model.name`: the card's, else the file's
+stem) and version 1; another name or version is a 404 that names the right one.
+
+Bad input never reaches the model. It gets a 4xx with {"error": "..."} saying what
+was wrong and what is expected (export/validate.py: wrong shape or datatype,
+non-numeric values, NaN or infinity, pixels outside [0, 1], an empty batch or one
+above `max_batch`); 413 a body above `max_body_bytes`; 404 and 405 for unknown
+paths and methods. A 500 means a bug on our side.
 
 Batching: requests that arrive while the model is busy wait in a queue; when it is
 free, it takes everything queued (up to `max_batch` images) as one batch. A lone
@@ -26,34 +30,25 @@ meanwhile.
 SIGTERM or SIGINT stops accepting connections, finishes the requests in flight,
 then exits.
 
-This module imports no TensorFlow: it serves where only onnxruntime, numpy and
-aiohttp are installed.
+This module imports no TensorFlow: it serves where only onnxruntime, numpy,
+aiohttp and prometheus_client are installed (requirements-serve.txt).
 """
 
 import asyncio
 import concurrent.futures
 import dataclasses
-import io
 import json
 import os
-import re
 import signal
+import time
+from importlib import metadata as package_metadata
 
 import numpy as np
 import onnxruntime
 from aiohttp import web
 
-JSON_TYPES = ("application/json",)
-NPY_TYPES = ("application/x-npy", "application/octet-stream")
-
-
-class ClientError(Exception):
-    """A request the server cannot answer; `status` is the HTTP status."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-
+from export import metrics, native, open_inference, tf_serving
+from export.validate import ClientError
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
@@ -68,9 +63,9 @@ class Limits:
 
 
 class Model:
-    """An ONNX classifier: images float32 [N, H, W, C] -> logits, probabilities."""
+    """An ONNX classifier: images float32 [N, H, W, C] -> (logits, probabilities)."""
 
-    def __init__(self, onnx_path, card=None):
+    def __init__(self, onnx_path, card=None, name=None):
         try:
             self.session = onnxruntime.InferenceSession(
                 onnx_path, providers=["CPUExecutionProvider"])
@@ -78,123 +73,50 @@ class Model:
             raise ValueError(f"cannot load {onnx_path} as an ONNX model: "
                              f"{str(err).splitlines()[0]}") from None
         inputs = self.session.get_inputs()
-        outputs = {o.name for o in self.session.get_outputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
         if len(inputs) != 1 or len(inputs[0].shape) != 4 or \
                 not all(isinstance(d, int) for d in inputs[0].shape[1:]) or \
-                not {"logits", "probabilities"} <= outputs:
-            raise ValueError(f"{onnx_path} takes {[(i.name, i.shape) for i in inputs]} and "
-                             f"gives {sorted(outputs)}; the server needs one input of images "
-                             "[N, H, W, C] and outputs logits and probabilities (an export "
-                             "of --mode=export)")
+                not {"logits", "probabilities"} <= set(outputs) or \
+                inputs[0].type != "tensor(float)":
+            raise ValueError(f"{onnx_path} takes {[(i.name, i.type, i.shape) for i in inputs]} "
+                             f"and gives {sorted(outputs)}; the server needs one float32 "
+                             "input of images [N, H, W, C] and outputs logits and "
+                             "probabilities (an export of --mode=export)")
         self.input_name = inputs[0].name
         self.image_shape = tuple(inputs[0].shape[1:])
-        self.num_classes = int(self.session.get_outputs()[0].shape[-1])
+        self.num_classes = int(outputs["logits"].shape[-1])
         self.card = card or {
             "input": {"name": self.input_name, "dtype": "float32",
                       "shape": [None, *self.image_shape], "range": [0.0, 1.0]},
             "note": "no model_card.json beside the ONNX file"}
+        self.name = name or self.card.get("name") or \
+            os.path.splitext(os.path.basename(onnx_path))[0]
         names = self.card.get("class_names") or [str(i) for i in range(self.num_classes)]
         self.class_names = list(names)
 
     def __call__(self, x):
-        return self.session.run(["probabilities"], {self.input_name: x})[0]
-
-
-def _loads(body):
-    def no_constants(token):  # NaN, Infinity, -Infinity
-        raise ClientError(400, f"non-finite value {token} in the JSON; pixels must be "
-                          "finite numbers in [0, 1]")
-    try:
-        return json.loads(body, parse_constant=no_constants)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ClientError(400, f"malformed JSON: {err}") from None
-
-
-# numpy reads true/false as 1/0 beside numbers; the only key is "instances", so
-# these words anywhere in a well-formed body are values that are not numbers.
-_JSON_LITERALS = re.compile(rb"\b(true|false|null)\b")
-
-
-def decode(body, content_type, image_shape, max_batch):
-    """The images of a /v1/predict request body as float32 [N, H, W, C], checked.
-
-    Raises:
-      ClientError: anything that is not a batch of 1..max_batch finite images of
-        `image_shape` with pixels in [0, 1].
-    """
-    if content_type in JSON_TYPES:
-        request = _loads(body)
-        if not isinstance(request, dict) or "instances" not in request:
-            raise ClientError(400, 'expected a JSON object {"instances": [image, ...]}')
-        if set(request) != {"instances"}:
-            raise ClientError(400, f"unknown keys {sorted(set(request) - {'instances'})}; "
-                              'expected only "instances"')
-        values = request["instances"]
-        if not isinstance(values, list):
-            raise ClientError(400, '"instances" must be a list of images')
-        if _JSON_LITERALS.search(body):
-            raise ClientError(400, "non-numeric values (true, false or null) in "
-                              '"instances"; pixels must be numbers in [0, 1]')
-    elif content_type in NPY_TYPES:
-        try:
-            values = np.load(io.BytesIO(body), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
-            raise ClientError(400, f"the body is not a .npy array (np.save): {err}") from None
-        if not isinstance(values, np.ndarray):
-            raise ClientError(400, "the body is not a single .npy array (np.save)")
-    else:
-        raise unsupported(content_type)
-    return check_images(values, image_shape, max_batch)
-
-
-def unsupported(content_type):
-    """The 415 for a Content-Type the server does not read (None: no header)."""
-    return ClientError(415, f"Content-Type {content_type or 'none'!r} is not supported; "
-                       f"send {JSON_TYPES[0]} or {NPY_TYPES[0]}")
-
-
-def check_images(values, image_shape, max_batch):
-    """`values` (nested lists or an array) as float32 [N, *image_shape], or ClientError."""
-    expected = f"[N, {', '.join(map(str, image_shape))}]"
-    if isinstance(values, np.ndarray) and values.ndim == 0:
-        raise ClientError(400, f"a single number; expected images of shape {expected}")
-    if len(values) == 0:
-        raise ClientError(400, "empty batch: send at least one image")
-    if len(values) > max_batch:
-        raise ClientError(400, f"batch of {len(values)} images is above this server's "
-                          f"maximum of {max_batch}; split it")
-    try:
-        x = np.asarray(values)
-    except ValueError:  # numpy 2 refuses ragged nesting
-        raise ClientError(400, f"ragged images: every image must have shape "
-                          f"[{', '.join(map(str, image_shape))}]") from None
-    if x.dtype.kind not in "fiu":
-        raise ClientError(400, f"non-numeric values (read as {x.dtype}); pixels must be "
-                          "numbers in [0, 1]")
-    if x.ndim != len(image_shape) + 1:
-        raise ClientError(400, f"images of rank {x.ndim} (shape {list(x.shape)}); expected "
-                          f"rank {len(image_shape) + 1}, shape {expected}")
-    if tuple(x.shape[1:]) != tuple(image_shape):
-        raise ClientError(400, f"images of shape {list(x.shape)}; expected {expected}")
-    x = x.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(x)):
-        raise ClientError(400, "NaN or infinite pixels; pixels must be finite, in [0, 1]")
-    low, high = float(x.min()), float(x.max())
-    if low < 0.0 or high > 1.0:
-        raise ClientError(400, f"pixels in [{low:g}, {high:g}]; expected [0, 1] (divide "
-                          "0-255 images by 255). Out-of-range pixels are rejected, not clipped")
-    return x
+        return tuple(self.session.run(["logits", "probabilities"], {self.input_name: x}))
 
 
 class Batcher:
-    """Merges concurrent requests into batches for `run` (see the module doc)."""
+    """Merges concurrent requests into batches for `run` (see the module doc).
 
-    def __init__(self, run, max_batch, delay_seconds=0.0):
+    `run(x)` returns an array or a tuple of arrays, each [len(x), ...]; every
+    request gets its own rows. `observe_batch(images)` is told of each batch.
+    """
+
+    def __init__(self, run, max_batch, delay_seconds=0.0, observe_batch=None):
         self._run, self._max_batch, self._delay = run, max_batch, delay_seconds
+        self._observe = observe_batch or (lambda images: None)
         self._queue = asyncio.Queue()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "onnxruntime")
         self._task = None
         self.requests = self.batches = self.images = 0
+
+    @property
+    def queued(self):
+        """Requests waiting for the model."""
+        return self._queue.qsize()
 
     def start(self):
         self._task = asyncio.get_running_loop().create_task(self._serve())
@@ -237,15 +159,24 @@ class Batcher:
             self.batches += 1
             self.requests += len(group)
             self.images += size
+            self._observe(size)
             start = 0
             for part, future in group:
+                end = start + len(part)
                 if not future.done():  # a client that went away cancels its future
-                    future.set_result(out[start:start + len(part)])
-                start += len(part)
+                    future.set_result(tuple(o[start:end] for o in out)
+                                      if isinstance(out, tuple) else out[start:end])
+                start = end
 
 
 LIMITS = web.AppKey("limits", Limits)
 BATCHER = web.AppKey("batcher", Batcher)
+METRICS = web.AppKey("metrics", metrics.Metrics)
+
+ENDPOINTS = ("GET /v2/health/ready, GET /v2/models/{model}, POST /v2/models/{model}/infer "
+             "(Open Inference Protocol); GET /v1/models/{model}, POST "
+             "/v1/models/{model}:predict (TF Serving REST); POST /v1/predict, GET "
+             "/v1/metadata, GET /healthz, GET /metrics")
 
 
 def _error(status, message):
@@ -266,7 +197,7 @@ async def _json_errors(request, handler):
         if err.status < 400:
             raise
         return _error(err.status, f"{err.reason}: {request.method} {request.path} "
-                      "(endpoints: GET /healthz, GET /v1/metadata, POST /v1/predict)")
+                      f"(endpoints: {ENDPOINTS})")
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception:  # a bug of ours: logged, answered, and the server lives on
@@ -274,33 +205,126 @@ async def _json_errors(request, handler):
         return _error(500, "internal error (logged by the server)")
 
 
+def _endpoint(request):
+    resource = getattr(request.match_info.route, "resource", None)
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def _observe(request, handler):
+    """Counts and times every answer, errors included (outside _json_errors)."""
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        request.app[METRICS].observe_request(_endpoint(request), request.method, status,
+                                             time.perf_counter() - start)
+
+
+def _version():
+    try:
+        return package_metadata.version("ardir-tf")
+    except package_metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "checkout"
+
+
 def make_app(model, limits=Limits()):
     """The aiohttp application serving `model` (a `Model`) under `limits`."""
-    batcher = Batcher(model, limits.max_batch, limits.batch_delay_ms / 1000)
+    batcher = None
+    observed = metrics.Metrics(queue_depth=lambda: batcher.queued if batcher else 0)
+    batcher = Batcher(model, limits.max_batch, limits.batch_delay_ms / 1000,
+                      observe_batch=observed.observe_batch)
 
-    async def healthz(request):
-        return web.json_response({"status": "ok", "requests": batcher.requests,
-                                  "batches": batcher.batches, "images": batcher.images})
+    def the_model(request):
+        """404 unless the path names the served model (and version 1)."""
+        name = request.match_info["model"]
+        version = request.match_info.get("version", open_inference.VERSION)
+        if name != model.name:
+            raise ClientError(404, f"unknown model {name!r}; this server serves "
+                              f"{model.name!r}")
+        if version != open_inference.VERSION:
+            raise ClientError(404, f"unknown version {version!r} of model {name!r}; this "
+                              f"server serves version {open_inference.VERSION}")
 
-    async def metadata(request):
-        return web.json_response(model.card)
-
-    async def predict(request):
+    async def body(request):
         if request.content_length is not None and \
                 request.content_length > limits.max_body_bytes:
             raise ClientError(413, f"body of {request.content_length} bytes is above this "
                               f"server's maximum of {limits.max_body_bytes} bytes")
+        return await request.read()
+
+    async def run(x):
+        logits, probabilities = await batcher.predict(x)
+        return {"logits": logits, "probabilities": probabilities,
+                "label": probabilities.argmax(axis=1).astype(np.int64)}
+
+    # --- this server's own protocol, and operations ---
+    async def healthz(request):
+        return web.json_response({"status": "ok", "requests": batcher.requests,
+                                  "batches": batcher.batches, "images": batcher.images})
+
+    async def metrics_text(request):
+        return web.Response(body=observed.text(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+    async def card(request):
+        return web.json_response(model.card)
+
+    async def predict(request):
         # Without parameters such as charset; aiohttp reads a missing header as
         # application/octet-stream, which must not pass for a deliberate .npy body.
         content_type = request.content_type if "Content-Type" in request.headers else None
-        if content_type not in JSON_TYPES + NPY_TYPES:  # refused before reading the body
-            raise unsupported(content_type)
-        x = decode(await request.read(), content_type, model.image_shape, limits.max_batch)
-        probabilities = await batcher.predict(x)
-        labels = probabilities.argmax(axis=1)
-        return web.json_response({"labels": labels.tolist(),
-                                  "classes": [model.class_names[i] for i in labels],
-                                  "probabilities": probabilities.tolist()})
+        if content_type not in native.JSON_TYPES + native.NPY_TYPES:  # before the body
+            raise native.unsupported(content_type)
+        x = native.decode(await body(request), content_type, model.image_shape,
+                          limits.max_batch)
+        results = await run(x)
+        return web.json_response(native.answer(results["probabilities"], model.class_names))
+
+    # --- the Open Inference Protocol ---
+    async def v2_server(request):
+        return web.json_response(open_inference.server_metadata(_version()))
+
+    async def v2_live(request):
+        return web.json_response({"live": True})
+
+    async def v2_ready(request):
+        return web.json_response({"ready": True})
+
+    async def v2_model(request):
+        the_model(request)
+        return web.json_response(open_inference.model_metadata(model))
+
+    async def v2_model_ready(request):
+        the_model(request)
+        return web.json_response({"name": model.name, "ready": True})
+
+    async def v2_infer(request):
+        the_model(request)
+        parsed = open_inference.parse(await body(request),
+                                      request.headers.get(open_inference.HEADER_LENGTH),
+                                      model, limits.max_batch)
+        text, content_type, headers = open_inference.respond(parsed, await run(parsed.images),
+                                                             model)
+        return web.Response(body=text, headers={"Content-Type": content_type, **headers})
+
+    # --- TensorFlow Serving's REST API ---
+    async def tfs_status(request):
+        the_model(request)
+        return web.json_response(tf_serving.status())
+
+    async def tfs_metadata(request):
+        the_model(request)
+        return web.json_response(tf_serving.metadata(model))
+
+    async def tfs_predict(request):
+        the_model(request)
+        x, form = tf_serving.parse(await body(request), model, limits.max_batch)
+        results = await run(x)
+        return web.json_response(tf_serving.respond(form, results["logits"],
+                                                    results["probabilities"]))
 
     async def on_startup(app):
         batcher.start()
@@ -308,18 +332,33 @@ def make_app(model, limits=Limits()):
     async def on_cleanup(app):
         await batcher.stop()
 
-    app = web.Application(middlewares=[_json_errors], client_max_size=limits.max_body_bytes)
-    app.add_routes([web.get("/healthz", healthz), web.get("/v1/metadata", metadata),
-                    web.post("/v1/predict", predict)])
+    app = web.Application(middlewares=[_observe, _json_errors],
+                          client_max_size=limits.max_body_bytes)
+    model_path = "{model:[^/:]+}"
+    versioned = [f"/{model_path}", f"/{model_path}/versions/{{version:[^/:]+}}"]
+    routes = [web.get("/healthz", healthz), web.get("/metrics", metrics_text),
+              web.get("/v1/metadata", card), web.post("/v1/predict", predict),
+              web.get("/v2", v2_server), web.get("/v2/health/live", v2_live),
+              web.get("/v2/health/ready", v2_ready)]
+    for path in versioned:
+        routes += [web.get(f"/v2/models{path}", v2_model),
+                   web.get(f"/v2/models{path}/ready", v2_model_ready),
+                   web.post(f"/v2/models{path}/infer", v2_infer),
+                   web.get(f"/v1/models{path}", tfs_status),
+                   web.get(f"/v1/models{path}/metadata", tfs_metadata),
+                   web.post(f"/v1/models{path}:predict", tfs_predict)]
+    app.add_routes(routes)
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     app[LIMITS] = limits
     app[BATCHER] = batcher
+    app[METRICS] = observed
     return app
 
 
-def load(onnx_path):
-    """The `Model` at `onnx_path`, with the model_card.json beside it if there is one."""
+def load(onnx_path, name=None):
+    """The `Model` at `onnx_path`, with the model_card.json beside it if there is one,
+    served as `name` (default: the card's name, else the file's stem)."""
     if not os.path.isfile(onnx_path):
         raise ValueError(f"no ONNX model at {onnx_path}")
     card_path = os.path.join(os.path.dirname(onnx_path), "model_card.json")
@@ -327,7 +366,7 @@ def load(onnx_path):
     if os.path.isfile(card_path):
         with open(card_path) as f:
             card = json.load(f)
-    return Model(onnx_path, card)
+    return Model(onnx_path, card, name)
 
 
 async def _serve(model, host, port, limits, log, shutdown_seconds):
@@ -341,9 +380,11 @@ async def _serve(model, host, port, limits, log, shutdown_seconds):
         raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}; "
                       "choose another --port") from None
     bound_host, bound_port = runner.addresses[0][:2]
-    log(f"serving {model.image_shape} images -> {model.num_classes} classes on "
-        f"http://{bound_host}:{bound_port} (max batch {limits.max_batch}, "
-        f"max body {limits.max_body_bytes} bytes); SIGTERM or Ctrl-C stops")
+    log(f"serving model {model.name!r} ({model.image_shape} images -> {model.num_classes} "
+        f"classes) on http://{bound_host}:{bound_port}: Open Inference Protocol at /v2, "
+        f"TF Serving REST at /v1/models/{model.name}, /v1/predict, /metrics (max batch "
+        f"{limits.max_batch}, max body {limits.max_body_bytes} bytes); SIGTERM or Ctrl-C "
+        "stops")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -355,7 +396,8 @@ async def _serve(model, host, port, limits, log, shutdown_seconds):
 
 
 def serve(onnx_path, host="127.0.0.1", port=8500, limits=Limits(), log=print,
-          shutdown_seconds=30.0):
-    """Serves the ONNX model at `onnx_path` until SIGTERM or SIGINT (port 0: any free
-    port, printed). Raises ValueError for a bad model, OSError for a busy port."""
-    asyncio.run(_serve(load(onnx_path), host, port, limits, log, shutdown_seconds))
+          shutdown_seconds=30.0, name=None):
+    """Serves the ONNX model at `onnx_path` as `name` (see `load`) until SIGTERM or
+    SIGINT (port 0: any free port, printed). Raises ValueError for a bad model,
+    OSError for a busy port."""
+    asyncio.run(_serve(load(onnx_path, name), host, port, limits, log, shutdown_seconds))

@@ -3,15 +3,17 @@
 `define_flags()` registers them with absl; bad values are rejected while the
 command line is parsed, before any work starts, with a one-line message. Preset
 flagfiles sit beside this file: `--flagfile=flags/cifar10.cfg`.
+
+`define_serve_flags()` registers only the serving flags, for `ardir-serve`
+(export/cli.py). Importing this package imports no TensorFlow (define_flags
+does), so that the server starts where TensorFlow is not installed.
 """
 
 import os
+import re
+import sys
 
 from absl import flags
-
-from ardir_tf import (adversarial, data, distill, distribute, evaluate, losses, models,
-                      study, teachers, training)
-from export import artifacts
 
 FLAGS = flags.FLAGS
 MODES = ("train_teacher", "distill", "evaluate", "export", "serve", "study")
@@ -49,14 +51,75 @@ def _layer_pairs(values):
     return [tuple(v.split(":")) for v in values]
 
 
+def resolve_flagfiles(argv):
+    """`argv` with each --flagfile=flags/NAME.cfg that is not there from the current
+    directory pointed at the preset beside this file (an installed ardir-tf run
+    from anywhere finds its presets)."""
+    out = []
+    for arg in argv:
+        found = re.fullmatch(r"--flagfile=(?:\./)?flags/([\w.-]+\.cfg)", arg)
+        if found and not os.path.exists(arg.split("=", 1)[1]) and \
+                os.path.isfile(os.path.join(PRESETS, found.group(1))):
+            arg = f"--flagfile={os.path.join(PRESETS, found.group(1))}"
+        out.append(arg)
+    return out
+
+
+def list_in_help(doc):
+    """Makes --help of the running console script show our flags and `doc`. absl
+    lists the key flags of the module named sys.argv[0] under the docstring of
+    __main__, which for a console script (bin/ardir-tf) is pip's wrapper."""
+    for flag in FLAGS.get_flags_for_module(__name__):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    sys.modules["__main__"].__doc__ = doc
+
+
+def define_serve_flags():
+    """Registers (once) the flags serving needs, and their validators: where the
+    model is, how to listen, the server's limits. Imports no TensorFlow."""
+    if "port" in FLAGS:
+        return
+    flags.DEFINE_string("workdir", None, "Where the run's files go "
+                        "(default: runs/<mode>-<dataset>-<method>).")
+    flags.DEFINE_string("export_dir", None, "Where --mode=export writes and --mode=serve "
+                        "reads (default: <workdir>/export).")
+    flags.DEFINE_string("model_name", None, "The exported model's name: its files "
+                        "(<name>.onnx, <name>.keras), its Triton and TF Serving model "
+                        "directories, and the name the server answers to (default: "
+                        "student when exporting; when serving, the model card's name).")
+    flags.DEFINE_string("onnx_path", None, "The .onnx --mode=serve serves (default: "
+                        "<export_dir>/<model_name>.onnx).")
+    flags.DEFINE_string("host", "127.0.0.1", "Address --mode=serve listens on (0.0.0.0: "
+                        "every interface).")
+    flags.DEFINE_integer("port", 8500, "Port --mode=serve listens on (0: any free port).")
+    flags.DEFINE_integer("max_batch", 256, "Most images per request, and per batch the "
+                         "server merges from concurrent requests (also the max_batch_size "
+                         "of the exported Triton config).")
+    flags.DEFINE_float("max_body_mb", 32.0, "Largest request body the server reads, in MiB.")
+    flags.DEFINE_float("batch_delay_ms", 0.0, "How long the server waits for more requests "
+                       "before running a batch (0: run at once; requests that arrive "
+                       "while the model is busy are still merged).")
+    _check("model_name", lambda v: v is None or re.fullmatch(r"[A-Za-z0-9][\w.-]{0,63}", v),
+           "must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit "
+           "(it names files and URL paths)")
+    _check("port", lambda v: 0 <= v <= 65535, "must be in [0, 65535] (0: any free port)")
+    _check("max_batch", lambda v: v >= 1, "must be >= 1")
+    _check("max_body_mb", lambda v: v > 0, "must be > 0")
+    _check("batch_delay_ms", lambda v: 0 <= v <= 1000, "must be in [0, 1000]")
+    _check("onnx_path", lambda v: v is None or (v.endswith(".onnx") and os.path.isfile(v)),
+           "must name an existing .onnx file")
+
+
 def define_flags():
     """Registers the flags (once) and their validators."""
     if "mode" in FLAGS:
         return
+    from ardir_tf import (adversarial, data, distill, distribute, evaluate, losses, models,
+                          teachers, training)
+    from export import artifacts
+    define_serve_flags()
     # Run.
     flags.DEFINE_enum("mode", "distill", MODES, "What to do.")
-    flags.DEFINE_string("workdir", None, "Where the run's files go "
-                        "(default: runs/<mode>-<dataset>-<method>).")
     flags.DEFINE_integer("seed", 0, "Seed of weights, shuffling and attacks; the same "
                          "seed gives the same run on a CPU.")
     flags.DEFINE_boolean("overwrite", False, "Replace another run's files in --workdir.")
@@ -186,22 +249,9 @@ def define_flags():
                         'variants, {"ardir-half": "ardir@ir_weight=0.5", "ardir-mse": '
                         '{"method": "ardir", "distance": "mse"}}, usable in --study_methods.')
     # Export and serving.
-    flags.DEFINE_string("export_dir", None, "Where --mode=export writes and --mode=serve "
-                        "reads (default: <workdir>/export).")
     flags.DEFINE_integer("opset", artifacts.DEFAULT_OPSET, "ONNX opset of the export.")
     flags.DEFINE_integer("parity_examples", 256, "Test images (and as many PGD images) "
                          "the export's parity checks run on.")
-    flags.DEFINE_string("onnx_path", None, "The .onnx --mode=serve serves (default: "
-                        "<export_dir>/student.onnx).")
-    flags.DEFINE_string("host", "127.0.0.1", "Address --mode=serve listens on (0.0.0.0: "
-                        "every interface).")
-    flags.DEFINE_integer("port", 8500, "Port --mode=serve listens on (0: any free port).")
-    flags.DEFINE_integer("max_batch", 256, "Most images per request, and per batch the "
-                         "server merges from concurrent requests.")
-    flags.DEFINE_float("max_body_mb", 32.0, "Largest request body the server reads, in MiB.")
-    flags.DEFINE_float("batch_delay_ms", 0.0, "How long the server waits for more requests "
-                       "before running a batch (0: run at once; requests that arrive "
-                       "while the model is busy are still merged).")
 
     _check("eps", lambda v: v >= 0, "must be >= 0 (the radius of the threat ball)")
     _check("step_size", lambda v: v is None or v > 0, "must be > 0")
@@ -220,8 +270,6 @@ def define_flags():
            f"must be from {artifacts.MIN_OPSET} to {artifacts.max_opset()} (the opsets the "
            "installed tf2onnx writes)")
     _check("parity_examples", lambda v: v >= 1, "must be >= 1")
-    _check("port", lambda v: 0 <= v <= 65535, "must be in [0, 65535] (0: any free port)")
-    _check("max_batch", lambda v: v >= 1, "must be >= 1")
     _check("num_workers", lambda v: v >= 0, "must be >= 0")
     flags.register_multi_flags_validator(
         ["strategy", "num_workers"], lambda f: not f["num_workers"] or
@@ -231,10 +279,6 @@ def define_flags():
         ["strategy", "mode"], lambda f: f["strategy"] != "multi_worker" or
         f["mode"] in ("distill", "train_teacher"),
         message="--strategy=multi_worker trains: use it with --mode=distill or train_teacher")
-    _check("max_body_mb", lambda v: v > 0, "must be > 0")
-    _check("batch_delay_ms", lambda v: 0 <= v <= 1000, "must be in [0, 1000]")
-    _check("onnx_path", lambda v: v is None or (v.endswith(".onnx") and os.path.isfile(v)),
-           "must name an existing .onnx file")
     for name in ("epochs", "teacher_epochs", "devices", "batch_size"):
         _check(name, lambda v: v >= 1, "must be >= 1")
     _check("natural_epochs", lambda v: v >= 0, "must be >= 0 (0: no baseline)")
@@ -287,6 +331,7 @@ def define_flags():
 
 def _study_methods(values):
     """(methods, None) or (None, error message)."""
+    from ardir_tf import study
     try:
         variants = study.load_variants(values["study_variants"]) \
             if values["study_variants"] else None
@@ -342,6 +387,7 @@ def _is_fraction(text):
 
 
 def _valid_dataset(name):
+    from ardir_tf import data
     try:
         data.check_name(name)
         return True
@@ -384,7 +430,7 @@ def settings():
     the export/evaluation reach."""
     skip = {"verbose", "overwrite", "eval_examples", "sanity_examples", "export_dir", "download", "data_dir",
             "attacks", "sequential_attacks", "opset", "parity_examples", "onnx_path", "host",
-            "port", "max_batch", "max_body_mb", "batch_delay_ms", "strategy", "num_workers",
+            "model_name", "port", "max_batch", "max_body_mb", "batch_delay_ms", "strategy", "num_workers",
             "jit_compile", "check_teacher", "study_methods", "study_seeds",
             "study_reference", "study_variants"}
     if FLAGS.mode == "study":  # a study re-evaluates its cells when these change

@@ -12,6 +12,10 @@ end to end.
 
 import os
 import pathlib
+import re
+import subprocess
+import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -95,7 +99,7 @@ def write_npz(path, n_train=20, n_test=8, size=6, classes=4, **overrides):
 # a worker interleaves modules, and a module-scoped fixture would be torn down
 # and made again each time its module came back.
 SHARED_FIXTURES = {"digits_run": "digits_run", "bad_runs": "digits_run", "runs": "runs",
-                   "served": "server", "onnx_path": "server",
+                   "served": "server", "onnx_path": "server", "ardir_serve": "server",
                    "natural_report": "natural_report", "default_run": "default_run",
                    "exported_run": "exported_run"}
 
@@ -118,3 +122,54 @@ def pytest_collection_modifyitems(items):
         return next((i for i, key in enumerate(LONG_FIRST) if key in item.nodeid),
                     len(LONG_FIRST))
     items.sort(key=rank)  # stable: the order within each rank stays
+
+
+# --- a served export (tests/test_server.py, tests/test_protocols.py) ----------
+
+SERVED_SHAPE = (8, 8, 1)
+SERVED_MAX_BATCH = 8
+SERVED_MAX_BODY = 50_000
+
+
+@pytest.fixture(scope="session")
+def onnx_path(tmp_path_factory, digits):
+    """A small untrained CNN exported by artifacts.export, with class names a..j."""
+    from export import artifacts
+    (x_train, y_train), (x_test, y_test) = digits
+    model = ardir_tf.models.build("small_cnn", SERVED_SHAPE, 10, width=4)
+    directory = tmp_path_factory.mktemp("served") / "export"
+    artifacts.export(model, directory, x_test[:32], y_test[:32],
+                     attack=ardir_tf.attacks.PGD(**DIGITS_ATTACK), batch_sizes=(32,),
+                     card={"class_names": list("abcdefghij")})
+    return directory / "student.onnx"
+
+
+def start_server(command):
+    """Starts a server process; returns (process, port, lines printed so far)."""
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    lines = []
+    deadline = time.time() + 120
+    port = None
+    while port is None and time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        found = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
+        port = found and int(found.group(1))
+    assert port, "".join(lines) + proc.stderr.read()
+    return proc, port, lines
+
+
+@pytest.fixture(scope="session")
+def served(onnx_path):
+    """`python main.py --mode=serve` on a free loopback port; yields (process, port)."""
+    proc, port, lines = start_server(
+        [sys.executable, str(ROOT / "main.py"), "--mode=serve", f"--onnx_path={onnx_path}",
+         "--port=0", f"--max_batch={SERVED_MAX_BATCH}",
+         f"--max_body_mb={SERVED_MAX_BODY / 2**20}"])
+    yield proc, port, lines
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()

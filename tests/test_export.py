@@ -1,5 +1,7 @@
 """export.artifacts and export.parity: the deployed model is the trained function."""
 
+import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -44,7 +46,8 @@ def test_main_py_export_passes_parity_and_writes_a_full_card(exported_run):
     workdir, stdout = exported_run
     card = artifacts.verify(workdir / "export")  # every file there, sha256 as listed
     assert sorted(os.listdir(workdir / "export")) == [
-        "model_card.json", "saved_model", "student.keras", "student.onnx"]
+        "model_card.json", "saved_model", "student.keras", "student.onnx", "tf_serving",
+        "triton"]
     result = card["parity"]
     assert result["passed"] and result["tolerance"] == 1e-4
     seen = {(c["runtime"], c["inputs"], c["batch_size"]) for c in result["checks"]}
@@ -99,6 +102,59 @@ def test_reloaded_savedmodel_and_keras_file_predict_as_before_export(exported_ru
     assert signature.structured_input_signature[1]["images"].shape.as_list() == [None, 8, 8, 1]
     reloaded = keras.models.load_model(workdir / "export/student.keras")
     np.testing.assert_array_equal(reloaded.predict(x, verbose=0), before)
+
+
+@functools.cache
+def triton_model_config_module():
+    """Triton's ModelConfig protobuf, from the tritonclient package. Its grpc/__init__
+    needs grpcio and protobuf versions of its own; the generated model_config_pb2
+    alone loads with the protobuf TensorFlow brings, so it is loaded by its path."""
+    package = os.path.dirname(importlib.util.find_spec("tritonclient").origin)
+    spec = importlib.util.spec_from_file_location(
+        "triton_model_config_pb2", os.path.join(package, "grpc", "model_config_pb2.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_triton_repository_matches_the_onnx_file(exported_run):
+    from google.protobuf import text_format
+    pb = triton_model_config_module()
+    workdir, stdout = exported_run
+    export = workdir / "export"
+    card = artifacts.verify(export)
+    model_dir = export / "triton" / "student"
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), pb.ModelConfig())
+    assert config.name == "student" and config.backend == "onnxruntime"
+    assert config.max_batch_size == 256 and config.HasField("dynamic_batching")
+    session = onnxruntime.InferenceSession(str(model_dir / "1" / "model.onnx"))
+    types = {"tensor(float)": pb.DataType.TYPE_FP32}
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    assert [(i.name, list(i.dims), i.data_type) for i in config.input] == \
+        [(i.name, i.shape[1:], types[i.type]) for i in inputs]
+    assert sorted((o.name, list(o.dims), o.data_type) for o in config.output) == \
+        sorted((o.name, o.shape[1:], types[o.type]) for o in outputs)
+    assert not isinstance(inputs[0].shape[0], int)  # the batch dim Triton adds is dynamic
+    labels = {o.name: o.label_filename for o in config.output}["probabilities"]
+    assert (model_dir / labels).read_text().splitlines() == card["class_names"]
+    # The same bytes as the export's ONNX file, which passed the parity checks.
+    assert card["files"]["triton/student/1/model.onnx"] == card["files"]["student.onnx"]
+    assert card["serving"]["triton"]["config"] == "triton/student/config.pbtxt"
+    assert f"-v {export}/triton:/models" in stdout and "tritonserver --model-repository" in stdout
+
+
+def test_the_tf_serving_base_path_loads_from_its_version_folder(exported_run, trained, digits):
+    workdir, stdout = exported_run
+    export = workdir / "export"
+    card = artifacts.verify(export)
+    assert os.listdir(export / "tf_serving" / "student") == ["1"]
+    _, (x, _) = digits
+    loaded = tf.saved_model.load(str(export / "tf_serving" / "student" / "1"))
+    out = loaded.signatures["serving_default"](images=tf.constant(x))
+    np.testing.assert_allclose(out["logits"].numpy(), trained["student"].predict(x, verbose=0),
+                               atol=1e-5)
+    assert card["serving"]["tf_serving"]["base_path"] == "tf_serving/student"
+    assert f"{export}/tf_serving/student:/models/student -e MODEL_NAME=student" in stdout
 
 
 # --- unit tests on small models ----------------------------------------------

@@ -18,13 +18,9 @@ import numpy as np
 import onnxruntime
 import pytest
 
-import ardir_tf
-from conftest import DIGITS_ATTACK, ROOT
-from export import artifacts, server
-
-SHAPE = (8, 8, 1)
-MAX_BATCH = 8
-MAX_BODY = 50_000
+from conftest import ROOT, SERVED_MAX_BATCH as MAX_BATCH, SERVED_MAX_BODY as MAX_BODY
+from conftest import SERVED_SHAPE as SHAPE, start_server
+from export import native, server, validate
 
 
 def npy(array):
@@ -95,19 +91,19 @@ DECODE_ERRORS = {
 @pytest.mark.parametrize("case", DECODE_ERRORS)
 def test_decode_rejects_bad_bodies_with_a_reason(case):
     body, content_type, status, message = DECODE_ERRORS[case]
-    with pytest.raises(server.ClientError, match=message) as err:
-        server.decode(body, content_type, SHAPE, MAX_BATCH)
+    with pytest.raises(validate.ClientError, match=message) as err:
+        native.decode(body, content_type, SHAPE, MAX_BATCH)
     assert err.value.status == status
 
 
 def test_decode_reads_json_and_npy_alike():
-    from_json = server.decode(instances(GOOD), "application/json", SHAPE, MAX_BATCH)
-    from_npy = server.decode(npy(GOOD.astype(np.float64)), "application/x-npy", SHAPE,
+    from_json = native.decode(instances(GOOD), "application/json", SHAPE, MAX_BATCH)
+    from_npy = native.decode(npy(GOOD.astype(np.float64)), "application/x-npy", SHAPE,
                              MAX_BATCH)
     assert from_json.dtype == from_npy.dtype == np.float32
     np.testing.assert_array_equal(from_json, from_npy)
     edges = np.stack([np.zeros(SHAPE), np.ones(SHAPE)])  # 0 and 1 are in range
-    assert server.decode(npy(edges), "application/octet-stream", SHAPE, 2).shape == (2, *SHAPE)
+    assert native.decode(npy(edges), "application/octet-stream", SHAPE, 2).shape == (2, *SHAPE)
 
 
 def test_batcher_merges_requests_that_wait_and_splits_the_answers():
@@ -151,11 +147,13 @@ def test_shutdown_finishes_the_requests_in_flight():
 
     class SlowModel:
         image_shape, num_classes, card, class_names = SHAPE, 2, {}, ["a", "b"]
+        name, input_name = "slow", "images"
 
         def __call__(self, x):
             started.set()
             time.sleep(0.5)
-            return np.tile(np.float32([[0.25, 0.75]]), (len(x), 1))
+            probabilities = np.tile(np.float32([[0.25, 0.75]]), (len(x), 1))
+            return np.log(probabilities), probabilities
 
     async def scenario():
         runner = web.AppRunner(server.make_app(SlowModel()), shutdown_timeout=10)
@@ -178,47 +176,6 @@ def test_shutdown_finishes_the_requests_in_flight():
 
 
 # --- the server, as a client sees it ----------------------------------------
-
-@pytest.fixture(scope="session")
-def onnx_path(tmp_path_factory, digits):
-    (x_train, y_train), (x_test, y_test) = digits
-    model = ardir_tf.models.build("small_cnn", SHAPE, 10, width=4)
-    directory = tmp_path_factory.mktemp("served") / "export"
-    artifacts.export(model, directory, x_test[:32], y_test[:32],
-                     attack=ardir_tf.attacks.PGD(**DIGITS_ATTACK), batch_sizes=(32,),
-                     card={"class_names": list("abcdefghij")})
-    return directory / "student.onnx"
-
-
-def start_server(command):
-    """Starts a server process; returns (process, port, lines printed so far)."""
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    lines = []
-    deadline = time.time() + 120
-    port = None
-    while port is None and time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        found = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
-        port = found and int(found.group(1))
-    assert port, "".join(lines) + proc.stderr.read()
-    return proc, port, lines
-
-
-@pytest.fixture(scope="session")
-def served(onnx_path):
-    """`python main.py --mode=serve` on a free loopback port; yields (process, port)."""
-    proc, port, lines = start_server(
-        [sys.executable, str(ROOT / "main.py"), "--mode=serve", f"--onnx_path={onnx_path}",
-         "--port=0", f"--max_batch={MAX_BATCH}", f"--max_body_mb={MAX_BODY / 2**20}"])
-    yield proc, port, lines
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-
 
 def request(port, method, path, body=None, content_type=None, chunked=False):
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -331,26 +288,43 @@ def test_concurrent_clients_each_get_their_own_answer(served, onnx_path, images)
 
 
 def test_the_readme_clients_work(served, onnx_path, images):
-    """The README's Python client and curl lines, against this server."""
-    from test_readme import README, python_block
+    """The README's curl lines and its two Python clients, against this server."""
+    import contextlib
+    from test_readme import README
     port = served[1]
+    section = README.split("### Clients", 1)[1].split("\n## ", 1)[0]
+    npy_client, triton_client = re.findall(r"```python\n(.*?)```", section, re.S)
     namespace = {}
-    exec(python_block("## Deploying: export and serve"), namespace)
+    exec(npy_client, namespace)
     labels, probabilities = namespace["predict"](images[:3],
                                                  url=f"http://127.0.0.1:{port}/v1/predict")
     want = onnxruntime.InferenceSession(str(onnx_path)).run(["probabilities"],
                                                             {"images": images[:3]})[0]
     assert labels == want.argmax(1).tolist()
     np.testing.assert_allclose(probabilities, want, atol=1e-6)
-    section = README.split("## Deploying: export and serve", 1)[1]
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(triton_client.replace("127.0.0.1:8500", f"127.0.0.1:{port}"), {})
+    half = onnxruntime.InferenceSession(str(onnx_path)).run(
+        ["probabilities"], {"images": np.full((2, *SHAPE), 0.5, np.float32)})[0]
+    assert printed.getvalue().split("]")[0].strip("[ ") == " ".join(
+        map(str, half.argmax(1))) and "(2, 10)" in printed.getvalue()
+
     script = re.search(r"```sh\n(curl -s localhost:8500/healthz\n.*?)```", section, re.S)
     run = subprocess.run(["bash", "-c", script.group(1).replace("8500", str(port))],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
-    decoder = json.JSONDecoder()
-    health, end = decoder.raw_decode(run.stdout)  # curl prints the two answers back to back
-    answer, _ = decoder.raw_decode(run.stdout[end:].lstrip())
-    assert health["status"] == "ok" and len(answer["labels"]) == 1
+    decoder, answers, rest = json.JSONDecoder(), [], run.stdout
+    while rest.strip():  # curl prints the answers back to back
+        answer, end = decoder.raw_decode(rest.lstrip())
+        answers.append(answer)
+        rest = rest.lstrip()[end:]
+    health, native_answer, tf_serving_answer = answers
+    assert health["status"] == "ok" and len(native_answer["labels"]) == 1
+    assert len(tf_serving_answer["predictions"]) == 1
+    assert native_answer["labels"][0] == int(np.argmax(
+        tf_serving_answer["predictions"][0]["probabilities"]))
 
 
 def test_sigterm_stops_the_server_cleanly(onnx_path):

@@ -1,15 +1,20 @@
-"""Benchmark: load test of `python main.py --mode=serve` on loopback, next to Keras.
+"""Benchmark: load test of the server (`ardir-serve`) on loopback, next to Keras.
 
     python tests/benchmarks/serve_load.py --workdir runs/distill-digits-ardir \\
         [--requests 3000] [--clients 16] [--images 1] [--batch_delay_ms 0] [--max_batch 256]
+        [--paths v1-json,v1-npy,v2-json,v2-binary,tfs-row,tfs-columnar] [--no-keras]
 
 Serves <workdir>/export/student.onnx (run --mode=export first) in a subprocess on a
-free loopback port, then sends --requests requests of --images test images each
-from --clients threads (one keep-alive connection each), first as JSON, then as
-.npy bodies. Every answer's labels are checked against ONNX Runtime run directly
-on the same images; a non-200 answer, a wrong label, or a connection error counts
-as a failed request. Reports throughput and p50/p99 latency, the server's mean
-merged batch, and then Keras on the same images in this process:
+free loopback port (python -m export.cli, which is ardir-serve), then sends
+--requests requests of --images test images each from --clients threads (one
+keep-alive connection each), once per path: this server's /v1/predict with JSON
+and with .npy bodies, the Open Inference Protocol's infer with JSON and with
+binary tensors (inputs and outputs), and TF Serving's predict in row and in
+columnar format. Every answer's labels are checked against ONNX Runtime run
+directly on the same images; a non-200 answer, a wrong label, or a connection
+error counts as a failed request. Reports throughput and p50/p99 latency, the
+server's mean merged batch (from its /metrics), and then Keras on the same
+images in this process:
 `model.predict` one request at a time (what a naive Keras server does) and in
 one call over all of them (the batch-throughput ceiling). Stops the server with
 SIGTERM and reports its exit status.
@@ -40,10 +45,9 @@ import numpy as np  # noqa: E402
 
 def start_server(onnx_path, args):
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "main.py"), "--mode=serve",
-         f"--onnx_path={onnx_path}", "--port=0", f"--max_batch={args.max_batch}",
-         f"--batch_delay_ms={args.batch_delay_ms}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [sys.executable, "-m", "export.cli", f"--onnx_path={onnx_path}", "--port=0",
+         f"--max_batch={args.max_batch}", f"--batch_delay_ms={args.batch_delay_ms}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         found = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
         if found:
@@ -51,15 +55,65 @@ def start_server(onnx_path, args):
     raise RuntimeError(f"the server did not start: {proc.stderr.read()[-2000:]}")
 
 
-def encode(x, form):
-    if form == "json":
-        return json.dumps({"instances": x.tolist()}).encode(), "application/json"
-    buffer = io.BytesIO()
-    np.save(buffer, x)
-    return buffer.getvalue(), "application/x-npy"
+def v2_header(x, binary):
+    tensor = {"name": "images", "shape": list(x.shape), "datatype": "FP32"}
+    if binary:
+        tensor["parameters"] = {"binary_data_size": x.nbytes}
+    else:
+        tensor["data"] = x.reshape(-1).tolist()
+    request = {"inputs": [tensor]}
+    if binary:
+        request["parameters"] = {"binary_data_output": True}
+    return json.dumps(request).encode()
 
 
-def load_phase(port, bodies, want, clients, seconds):
+def encode(x, path):
+    """(URL path, body, headers) of a request for images `x` on `path`."""
+    if path == "v1-json":
+        return "/v1/predict", json.dumps({"instances": x.tolist()}).encode(), {
+            "Content-Type": "application/json"}
+    if path == "v1-npy":
+        buffer = io.BytesIO()
+        np.save(buffer, x)
+        return "/v1/predict", buffer.getvalue(), {"Content-Type": "application/x-npy"}
+    if path == "v2-json":
+        return "/v2/models/student/infer", v2_header(x, False), {
+            "Content-Type": "application/json"}
+    if path == "v2-binary":
+        header = v2_header(x, True)
+        return "/v2/models/student/infer", header + x.astype("<f4").tobytes(), {
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(len(header))}
+    form = "instances" if path == "tfs-row" else "inputs"
+    return "/v1/models/student:predict", json.dumps({form: x.tolist()}).encode(), {
+        "Content-Type": "application/json"}
+
+
+def labels(path, data, header_length):
+    """The labels in an answer on `path` (body bytes; the V2 binary header length)."""
+    if path.startswith("v1"):
+        return json.loads(data)["labels"]
+    if path.startswith("v2"):
+        text = data if header_length is None else data[:int(header_length)]
+        outputs = json.loads(text)["outputs"]
+        if header_length is None:
+            return {o["name"]: o for o in outputs}["label"]["data"]
+        offset = int(header_length)
+        for output in outputs:  # the binary tensors follow in the order listed
+            size = output["parameters"]["binary_data_size"]
+            if output["name"] == "label":
+                return np.frombuffer(data[offset:offset + size], "<i8").tolist()
+            offset += size
+    answer = json.loads(data)
+    if path == "tfs-row":
+        return [int(np.argmax(p["probabilities"])) for p in answer["predictions"]]
+    return np.argmax(answer["outputs"]["probabilities"], axis=1).tolist()
+
+
+PATHS = ("v1-json", "v1-npy", "v2-json", "v2-binary", "tfs-row", "tfs-columnar")
+
+
+def load_phase(port, path, bodies, want, clients, seconds):
     """Sends every body once from `clients` threads; returns latencies and failures."""
     latencies, failures, lock = [], [], threading.Lock()
     deadline = time.perf_counter() + seconds
@@ -72,15 +126,16 @@ def load_phase(port, bodies, want, clients, seconds):
                 i = next(next_index, None)
             if i is None:
                 break
-            body, content_type = bodies[i]
+            url, body, headers = bodies[i]
             start = time.perf_counter()
             try:
-                connection.request("POST", "/v1/predict", body,
-                                   {"Content-Type": content_type})
+                connection.request("POST", url, body, headers)
                 response = connection.getresponse()
-                answer = json.loads(response.read())
-                ok = response.status == 200 and answer["labels"] == want[i]
-            except (OSError, http.client.HTTPException, ValueError) as err:
+                data = response.read()
+                answer = data[:200]
+                ok = response.status == 200 and labels(
+                    path, data, response.getheader("Inference-Header-Content-Length")) == want[i]
+            except (OSError, http.client.HTTPException, ValueError, KeyError) as err:
                 ok, answer = False, repr(err)
                 connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
             with lock:
@@ -97,10 +152,14 @@ def load_phase(port, bodies, want, clients, seconds):
     return np.array(latencies), failures, time.perf_counter() - start
 
 
-def healthz(port):
+def merged(port):
+    """(images, batches) the server's model has run, from its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    connection.request("GET", "/healthz")
-    return json.loads(connection.getresponse().read())
+    connection.request("GET", "/metrics")
+    values = {s.name: s.value for family in text_string_to_metric_families(
+        connection.getresponse().read().decode()) for s in family.samples}
+    return values["ardir_batch_images_sum"], values["ardir_batch_images_count"]
 
 
 def row(name, n_requests, n_images, wall, latencies, failures):
@@ -132,7 +191,15 @@ def main():
     parser.add_argument("--seconds", type=float, default=300.0, help="bound per phase")
     parser.add_argument("--keras_requests", type=int, default=500,
                         help="requests Keras answers one at a time")
+    parser.add_argument("--paths", default=",".join(PATHS),
+                        help=f"comma-separated, of {', '.join(PATHS)}")
+    parser.add_argument("--keras", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time Keras and ONNX Runtime in this process")
     args = parser.parse_args()
+    args.paths = args.paths.split(",")
+    if not set(args.paths) <= set(PATHS):
+        parser.error(f"--paths: unknown {sorted(set(args.paths) - set(PATHS))}; "
+                     f"choose from {', '.join(PATHS)}")
 
     export_dir = os.path.join(args.workdir, "export")
     onnx_path = os.path.join(export_dir, "student.onnx")
@@ -156,15 +223,14 @@ def main():
     print("|---|---|---|---|---|---|---|")
     proc, port = start_server(onnx_path, args)
     try:
-        for form in ("json", "npy"):
-            bodies = [encode(r, form) for r in requests]
-            before = healthz(port)
-            latencies, failures, wall = load_phase(port, bodies, want, args.clients,
+        for path in args.paths:
+            bodies = [encode(r, path) for r in requests]
+            images_before, batches_before = merged(port)
+            latencies, failures, wall = load_phase(port, path, bodies, want, args.clients,
                                                    args.seconds)
-            after = healthz(port)
-            merged = (after["images"] - before["images"]) / max(
-                1, after["batches"] - before["batches"])
-            row(f"server, {form} (mean merged batch {merged:.1f} images)", len(latencies),
+            images_after, batches_after = merged(port)
+            mean = (images_after - images_before) / max(1, batches_after - batches_before)
+            row(f"server, {path} (mean merged batch {mean:.1f} images)", len(latencies),
                 len(latencies) * args.images, wall, latencies, len(failures))
             if len(latencies) < len(bodies):
                 print(f"  stopped at --seconds={args.seconds}: {len(bodies) - len(latencies)} "
@@ -176,6 +242,8 @@ def main():
         out, err = proc.communicate(timeout=60)
     print(f"\nserver exit status after SIGTERM: {proc.returncode} "
           f"({out.strip().splitlines()[-1] if out.strip() else err[-300:]})")
+    if not args.keras:
+        return
 
     import keras
     model = keras.models.load_model(os.path.join(export_dir, "student.keras"))

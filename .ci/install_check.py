@@ -1,0 +1,166 @@
+"""Installs the project in fresh virtual environments and uses what it installed.
+
+    python .ci/install_check.py [--keep DIR]
+
+1. full: `pip install .` in a new venv (every dependency from the package
+   index), then, from a directory outside the checkout, `ardir-tf
+   --mode=distill --flagfile=flags/smoke.cfg` (the preset comes from the
+   installed package), `ardir-tf --mode=export`, and `ardir-serve --help`.
+2. serve-only: `pip install -r requirements-serve.txt && pip install --no-deps -e .`
+   in another new venv (editable, so `pip install -e .` is exercised too).
+   TensorFlow must not be importable there.
+3. In both venvs, `ardir-serve` serves step 1's export: one Open Inference
+   Protocol request must give the labels ONNX Runtime gives, and the server
+   process must end (SIGTERM) without TensorFlow in sys.modules.
+
+The checkout is copied first (its tracked and untracked files, not ignored
+ones), so that the build leaves nothing in it. Prints each step's time; exits 1
+on the first failure, saying which step and what it printed.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Started as the console script would be, then tells at exit what it imported.
+SERVE_AND_REPORT = """
+import atexit, sys
+atexit.register(lambda: print("IMPORTED", sorted({m.split(".")[0] for m in sys.modules}
+                                                 & {"tensorflow", "keras", "tf2onnx"}),
+                              flush=True))
+from export import cli
+sys.argv = ["ardir-serve", *sys.argv[1:]]
+cli.run()
+"""
+
+
+def step(name, command, cwd, env=None, timeout=1800, ok=(0,)):
+    start = time.perf_counter()
+    run = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    seconds = time.perf_counter() - start
+    print(f"{name}: {seconds:.1f} s", flush=True)
+    if run.returncode not in ok:
+        sys.exit(f"FAILED: {name} (status {run.returncode})\n{run.stdout[-3000:]}\n"
+                 f"{run.stderr[-3000:]}")
+    return run, seconds
+
+
+def copy_checkout(target):
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\n")
+    for rel in filter(None, listed):
+        source = os.path.join(ROOT, rel)
+        if os.path.isfile(source):
+            os.makedirs(os.path.dirname(os.path.join(target, rel)), exist_ok=True)
+            shutil.copy2(source, os.path.join(target, rel))
+
+
+def serve_once(python, export_dir, cwd):
+    """Starts ardir-serve from `python`'s venv, sends one V2 infer, stops it; returns
+    (labels, the ONNX Runtime labels, modules imported, seconds to listen)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([python, "-c", SERVE_AND_REPORT, f"--export_dir={export_dir}",
+                             "--port=0"], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    port = None
+    for line in proc.stdout:
+        found = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
+        if found:
+            port = int(found.group(1))
+            break
+    listening = time.perf_counter() - start
+    if port is None:
+        sys.exit(f"FAILED: ardir-serve did not start\n{proc.stderr.read()[-3000:]}")
+    check = ("import json, sys, numpy as np, onnxruntime\n"
+             "x = np.random.default_rng(0).random((5, 8, 8, 1), dtype=np.float32)\n"
+             f"s = onnxruntime.InferenceSession({os.path.join(export_dir, 'student.onnx')!r})\n"
+             "print(json.dumps({'x': x.tolist(), 'want': "
+             "s.run(['logits'], {'images': x})[0].argmax(1).tolist()}))")
+    case = json.loads(subprocess.run([python, "-c", check], capture_output=True, text=True,
+                                     check=True).stdout)
+    body = json.dumps({"inputs": [{"name": "images", "shape": [5, 8, 8, 1],
+                                   "datatype": "FP32", "data": case["x"]}]}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/student/infer", body)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        outputs = {o["name"]: o for o in json.load(response)["outputs"]}
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    imported = re.search(r"IMPORTED (\[.*\])", out)
+    if proc.returncode or not imported:
+        sys.exit(f"FAILED: ardir-serve exit {proc.returncode}\n{out[-2000:]}\n{err[-2000:]}")
+    return outputs["label"]["data"], case["want"], imported.group(1), listening
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", help="work here and keep it (default: a temporary "
+                        "directory, removed)")
+    args = parser.parse_args()
+    work = args.keep or tempfile.mkdtemp(prefix="ardir-install-")
+    os.makedirs(work, exist_ok=True)
+    total = time.perf_counter()
+    try:
+        source = os.path.join(work, "source")
+        copy_checkout(source)
+        outside = os.path.join(work, "elsewhere")  # not the checkout: presets from the package
+        os.makedirs(outside, exist_ok=True)
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+        full = os.path.join(work, "venv-full")
+        step("full: python -m venv", [sys.executable, "-m", "venv", full], work)
+        _, install_seconds = step("full: pip install .",
+                                  [f"{full}/bin/pip", "install", "-q", source], work)
+        run_dir = os.path.join(outside, "run")
+        step("full: ardir-tf --mode=distill --flagfile=flags/smoke.cfg",
+             [f"{full}/bin/ardir-tf", "--mode=distill", "--flagfile=flags/smoke.cfg",
+              f"--workdir={run_dir}"], outside, env)
+        step("full: ardir-tf --mode=export",
+             [f"{full}/bin/ardir-tf", "--mode=export", f"--workdir={run_dir}",
+              "--parity_examples=32"], outside, env)
+        for command in ("ardir-serve", "ardir-tf"):  # absl's --help exits with status 1
+            run, _ = step(f"full: {command} --help", [f"{full}/bin/{command}", "--help"],
+                          outside, env, ok=(0, 1))
+            if "--max_batch" not in run.stdout or "USAGE" in run.stdout:
+                sys.exit(f"FAILED: {command} --help lists no flags:\n{run.stdout[:2000]}")
+
+        serve = os.path.join(work, "venv-serve")
+        step("serve-only: python -m venv", [sys.executable, "-m", "venv", serve], work)
+        step("serve-only: pip install -r requirements-serve.txt",
+             [f"{serve}/bin/pip", "install", "-q", "-r",
+              os.path.join(source, "requirements-serve.txt")], work)
+        step("serve-only: pip install --no-deps -e .",
+             [f"{serve}/bin/pip", "install", "-q", "--no-deps", "-e", source], work)
+        no_tf = subprocess.run([f"{serve}/bin/python", "-c", "import tensorflow"],
+                               capture_output=True, text=True)
+        if no_tf.returncode == 0:
+            sys.exit("FAILED: the serve-only venv has TensorFlow")
+        print("serve-only: TensorFlow is not installed: ok")
+
+        export_dir = os.path.join(run_dir, "export")
+        for name, venv in (("full", full), ("serve-only", serve)):
+            labels, want, imported, listening = serve_once(f"{venv}/bin/python", export_dir,
+                                                           outside)
+            print(f"{name}: ardir-serve listening after {listening:.2f} s; labels "
+                  f"{labels} (ONNX Runtime: {want}); imported {imported}")
+            if labels != want or imported != "[]":
+                sys.exit(f"FAILED: {name} ardir-serve gave {labels} for {want}, imported "
+                         f"{imported}")
+        print(f"install check passed in {time.perf_counter() - total:.0f} s "
+              f"(of which pip install . {install_seconds:.0f} s)")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
