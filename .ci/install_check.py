@@ -6,12 +6,15 @@
    index), then, from a directory outside the checkout, `ardir-tf
    --mode=distill --flagfile=flags/smoke.cfg` (the preset comes from the
    installed package), `ardir-tf --mode=export`, and `ardir-serve --help`.
-2. serve-only: `pip install -r requirements-serve.txt && pip install --no-deps -e .`
-   in another new venv (editable, so `pip install -e .` is exercised too).
-   TensorFlow must not be importable there.
-3. In both venvs, `ardir-serve` serves step 1's export: one Open Inference
-   Protocol request must give the labels ONNX Runtime gives, and the server
-   process must end (SIGTERM) without TensorFlow in sys.modules.
+2. serve-only: `pip install -r requirements-serve.txt && pip install --no-deps .`
+   in another new venv, as the README says. TensorFlow must not be importable
+   there.
+3. In both venvs, the installed `ardir-serve` serves step 1's export: one Open
+   Inference Protocol request must give the labels ONNX Runtime gives. Then the
+   same entry point (export.cli:run) runs under a wrapper that prints, when the
+   server has stopped on SIGTERM, whether TensorFlow was ever in sys.modules.
+4. serve-only, editable: `pip install --no-deps -e .` over it, and `ardir-serve`
+   serves again (so `pip install -e .` is exercised too).
 
 The checkout is copied first (its tracked and untracked files, not ignored
 ones), so that the build leaves nothing in it. Prints each step's time; exits 1
@@ -65,13 +68,15 @@ def copy_checkout(target):
             shutil.copy2(source, os.path.join(target, rel))
 
 
-def serve_once(python, export_dir, cwd):
-    """Starts ardir-serve from `python`'s venv, sends one V2 infer, stops it; returns
-    (labels, the ONNX Runtime labels, modules imported, seconds to listen)."""
+def serve_once(venv, export_dir, cwd, report_imports=False):
+    """Starts the venv's ardir-serve (or its entry point under the reporting wrapper),
+    sends one V2 infer, stops it; returns (labels, the ONNX Runtime labels, modules
+    imported or None, seconds to listen)."""
+    python = f"{venv}/bin/python"
+    command = [python, "-c", SERVE_AND_REPORT] if report_imports else [f"{venv}/bin/ardir-serve"]
     start = time.perf_counter()
-    proc = subprocess.Popen([python, "-c", SERVE_AND_REPORT, f"--export_dir={export_dir}",
-                             "--port=0"], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*command, f"--export_dir={export_dir}", "--port=0"], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     port = None
     for line in proc.stdout:
         found = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
@@ -96,9 +101,22 @@ def serve_once(python, export_dir, cwd):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     imported = re.search(r"IMPORTED (\[.*\])", out)
-    if proc.returncode or not imported:
+    if proc.returncode or (report_imports and not imported):
         sys.exit(f"FAILED: ardir-serve exit {proc.returncode}\n{out[-2000:]}\n{err[-2000:]}")
-    return outputs["label"]["data"], case["want"], imported.group(1), listening
+    return (outputs["label"]["data"], case["want"], imported and imported.group(1),
+            listening)
+
+
+def check_serving(name, venv, export_dir, cwd):
+    labels, want, _, listening = serve_once(venv, export_dir, cwd)
+    print(f"{name}: ardir-serve listening after {listening:.2f} s; labels {labels} (ONNX "
+          f"Runtime: {want})", flush=True)
+    if labels != want:
+        sys.exit(f"FAILED: {name} ardir-serve gave {labels} for {want}")
+    _, _, imported, _ = serve_once(venv, export_dir, cwd, report_imports=True)
+    print(f"{name}: TensorFlow-like modules in the server's sys.modules: {imported}")
+    if imported != "[]":
+        sys.exit(f"FAILED: {name} ardir-serve imported {imported}")
 
 
 def main():
@@ -138,8 +156,8 @@ def main():
         step("serve-only: pip install -r requirements-serve.txt",
              [f"{serve}/bin/pip", "install", "-q", "-r",
               os.path.join(source, "requirements-serve.txt")], work)
-        step("serve-only: pip install --no-deps -e .",
-             [f"{serve}/bin/pip", "install", "-q", "--no-deps", "-e", source], work)
+        step("serve-only: pip install --no-deps .",
+             [f"{serve}/bin/pip", "install", "-q", "--no-deps", source], work)
         no_tf = subprocess.run([f"{serve}/bin/python", "-c", "import tensorflow"],
                                capture_output=True, text=True)
         if no_tf.returncode == 0:
@@ -147,14 +165,11 @@ def main():
         print("serve-only: TensorFlow is not installed: ok")
 
         export_dir = os.path.join(run_dir, "export")
-        for name, venv in (("full", full), ("serve-only", serve)):
-            labels, want, imported, listening = serve_once(f"{venv}/bin/python", export_dir,
-                                                           outside)
-            print(f"{name}: ardir-serve listening after {listening:.2f} s; labels "
-                  f"{labels} (ONNX Runtime: {want}); imported {imported}")
-            if labels != want or imported != "[]":
-                sys.exit(f"FAILED: {name} ardir-serve gave {labels} for {want}, imported "
-                         f"{imported}")
+        check_serving("full", full, export_dir, outside)
+        check_serving("serve-only", serve, export_dir, outside)
+        step("serve-only: pip install --no-deps -e .",
+             [f"{serve}/bin/pip", "install", "-q", "--no-deps", "-e", source], work)
+        check_serving("serve-only, editable", serve, export_dir, outside)
         print(f"install check passed in {time.perf_counter() - total:.0f} s "
               f"(of which pip install . {install_seconds:.0f} s)")
     finally:

@@ -36,7 +36,7 @@ def onnx_path(default_export_dir=None):
     path = os.path.join(export_dir, f"{FLAGS.model_name or 'student'}.onnx")
     if not os.path.isfile(path):
         raise ValueError(f"no exported model at {path}; run --mode=export first, or pass "
-                         "--onnx_path")
+                         "--onnx_path (or --model_name, for an export of another name)")
     return path
 
 

@@ -42,10 +42,17 @@ class Metrics:
         self.queue = prometheus_client.Gauge(
             "ardir_queue_depth", "Requests waiting for the model.", registry=self.registry)
         self.queue.set_function(queue_depth)
+        self._children = {}  # (endpoint, method, status) -> (counter, histogram)
 
     def observe_request(self, endpoint, method, status, seconds):
-        self.requests.labels(endpoint, method, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
+        key = (endpoint, method, status)
+        children = self._children.get(key)
+        if children is None:  # labels() takes a lock and builds a key each call
+            children = self._children[key] = (
+                self.requests.labels(endpoint, method, str(status)),
+                self.latency.labels(endpoint))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batch(self, images):
         self.batch.observe(images)

@@ -11,6 +11,7 @@ use it.
 """
 
 import io
+import math
 
 import numpy as np
 
@@ -45,15 +46,41 @@ def decode(body, content_type, image_shape, max_batch):
             raise ClientError(400, '"instances" must be a list of images')
         refuse_literals(body, '"instances"')
     elif content_type in NPY_TYPES:
-        try:
-            values = np.load(io.BytesIO(body), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
-            raise ClientError(400, f"the body is not a .npy array (np.save): {err}") from None
-        if not isinstance(values, np.ndarray):
-            raise ClientError(400, "the body is not a single .npy array (np.save)")
+        values = _npy(body, max_batch)
     else:
         raise unsupported(content_type)
     return check_images(values, image_shape, max_batch)
+
+
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _npy(body, max_batch):
+    """The array of an np.save body. Its header is read first: the array is
+    allocated only once the header's shape and dtype account for the body's bytes
+    exactly, and the batch is within max_batch (a 100-byte header may declare
+    terabytes)."""
+    buffer = io.BytesIO(body)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        if version not in _NPY_HEADERS:
+            raise ValueError(f".npy format version {version[0]}.{version[1]}; np.save "
+                             "writes 1.0 or 2.0")
+        shape, _, dtype = _NPY_HEADERS[version](buffer)
+    except (ValueError, OSError, EOFError, SyntaxError) as err:
+        raise ClientError(400, f"the body is not a .npy array (np.save): {err}") from None
+    if dtype.hasobject or dtype.kind not in "biufc":
+        raise ClientError(400, f"non-numeric values (read as {dtype}); pixels must be "
+                          "numbers in [0, 1]")
+    if shape and shape[0] > max_batch:
+        raise ClientError(400, f"batch of {shape[0]} images is above this server's "
+                          f"maximum of {max_batch}; split it")
+    size = math.prod(shape) * dtype.itemsize
+    if size != len(body) - buffer.tell():
+        raise ClientError(400, f"the .npy header says shape {list(shape)} of {dtype} "
+                          f"({size} bytes), but {len(body) - buffer.tell()} bytes follow it")
+    return np.load(io.BytesIO(body), allow_pickle=False)
 
 
 def answer(probabilities, class_names):

@@ -26,17 +26,19 @@ model takes FP32; Triton refuses a mismatch the same way), more than one input.
 
 import dataclasses
 import json
+import math
+import re
 import struct
 
 import numpy as np
 
-from export.validate import ClientError, as_array, check_images, loads, refuse_literals
+from export.validate import (ClientError, as_array, check_images, has_literals,
+                             holds_literals, literal_message, loads)
 
-VERSION = "1"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OUTPUTS = ("logits", "probabilities", "label")
 EXTENSIONS = ("binary_tensor_data", "classification")
-_REQUEST_KEYS = {"id", "parameters", "inputs", "outputs"}
+_REQUEST_KEYS = {"id", "parameters", "inputs", "outputs", "model_name", "model_version"}
 _TENSOR_KEYS = {"name", "shape", "datatype", "parameters", "data"}
 
 
@@ -46,7 +48,7 @@ def server_metadata(version):
 
 def model_metadata(model):
     k = model.num_classes
-    return {"name": model.name, "versions": [VERSION], "platform": "onnxruntime_onnx",
+    return {"name": model.name, "versions": [model.version], "platform": "onnxruntime_onnx",
             "inputs": [{"name": model.input_name, "datatype": "FP32",
                         "shape": [-1, *model.image_shape]}],
             "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, k]},
@@ -71,10 +73,7 @@ class Request:
 def _header_length(value, body_size):
     if value is None:
         return None
-    try:
-        length = int(value)
-    except ValueError:
-        length = -1
+    length = int(value) if re.fullmatch(r"[0-9]{1,12}", value) else -1
     if not 0 < length <= body_size:
         raise ClientError(400, f"{HEADER_LENGTH} is {value!r}; expected the length in bytes "
                           f"of the JSON header, 1 to the body's {body_size}")
@@ -89,7 +88,7 @@ def _dict(value, what):
     return value
 
 
-def _images(tensor, header, binary, model, max_batch):
+def _images(tensor, header_length, binary, model, max_batch):
     name = tensor.get("name")
     if name != model.input_name:
         raise ClientError(400, f"unknown input {name!r}; the model takes one input "
@@ -105,17 +104,22 @@ def _images(tensor, header, binary, model, max_batch):
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) \
             or tuple(shape[1:]) != model.image_shape:
         raise ClientError(400, f"input {name!r} has shape {shape}; expected {expected}")
-    count = int(np.prod(shape))
+    if shape[0] == 0:
+        raise ClientError(400, "empty batch: send at least one image")
+    if shape[0] > max_batch:  # before any data is read or allocated
+        raise ClientError(400, f"batch of {shape[0]} images is above this server's "
+                          f"maximum of {max_batch}; split it")
+    count = math.prod(shape)
     parameters = _dict(tensor.get("parameters"), f"the parameters of input {name!r}")
     if any(key.startswith("shared_memory") for key in parameters):
         raise ClientError(400, "shared-memory tensors are not supported; send the data in "
                           "the request (JSON or binary)")
     if "binary_data_size" in parameters:
         size = parameters["binary_data_size"]
-        if header is None:
+        if header_length is None:
             raise ClientError(400, f"input {name!r} has binary_data_size but the request has "
                               f"no {HEADER_LENGTH} header")
-        if size != 4 * count:
+        if type(size) is not int or size != 4 * count:
             raise ClientError(400, f"input {name!r} has binary_data_size {size!r}; shape "
                               f"{shape} of FP32 is {4 * count} bytes")
         if len(binary) != size:
@@ -128,23 +132,28 @@ def _images(tensor, header, binary, model, max_batch):
                               "has parameters.binary_data_size")
         if "data" not in tensor:
             raise ClientError(400, f"input {name!r} has no data (and no binary_data_size)")
-        if not isinstance(tensor["data"], list):
+        data = tensor["data"]
+        if not isinstance(data, list):
             raise ClientError(400, f"the data of input {name!r} must be a list of numbers")
-        values = as_array(tensor["data"], model.image_shape)
+        values = as_array(data, model.image_shape)
         if values.size != count:
             raise ClientError(400, f"input {name!r} has {values.size} values; shape {shape} "
                               f"needs {count}")
+        if values.ndim != 1 and list(values.shape) != shape:
+            raise ClientError(400, f"the data of input {name!r} is nested as "
+                              f"{list(values.shape)}; send it flat (row-major) or nested as "
+                              f"its shape {shape}")
         values = values.reshape(shape)
     return check_images(values, model.image_shape, max_batch)
 
 
 def _outputs(request, parameters, num_classes):
     asked = request.get("outputs")
+    default = parameters.get("binary_data_output", False)  # the default of every output
+    if not isinstance(default, bool):
+        raise ClientError(400, "parameters.binary_data_output must be true or false")
     if asked is None:
-        binary = parameters.get("binary_data_output", False)
-        if not isinstance(binary, bool):
-            raise ClientError(400, "parameters.binary_data_output must be true or false")
-        return tuple(Output(name, binary) for name in OUTPUTS)
+        return tuple(Output(name, default) for name in OUTPUTS)
     if not isinstance(asked, list) or not asked:
         raise ClientError(400, '"outputs" must be a list of {"name": ...} objects')
     outputs = []
@@ -156,7 +165,7 @@ def _outputs(request, parameters, num_classes):
         options = _dict(item.get("parameters"), f"the parameters of output {item['name']!r}")
         if any(key.startswith("shared_memory") for key in options):
             raise ClientError(400, "shared-memory tensors are not supported")
-        binary = options.get("binary_data", False)
+        binary = options.get("binary_data", default)
         k = options.get("classification", 0)
         if not isinstance(binary, bool):
             raise ClientError(400, f"parameters.binary_data of output {item['name']!r} must "
@@ -167,6 +176,9 @@ def _outputs(request, parameters, num_classes):
                               f"{k!r}; expected 1 to {num_classes} classes, on logits or "
                               "probabilities")
         outputs.append(Output(item["name"], binary, k))
+    names = [o.name for o in outputs]
+    if len(set(names)) != len(names):
+        raise ClientError(400, f"outputs {names} name one output twice")
     return tuple(outputs)
 
 
@@ -187,18 +199,24 @@ def parse(body, header_length, model, max_batch):
     if unknown:
         raise ClientError(400, f"unknown keys {sorted(unknown)}; an infer request has "
                           f"{', '.join(sorted(_REQUEST_KEYS))}")
+    for key, want in (("model_name", model.name), ("model_version", model.version)):
+        if key in request and request[key] != want:
+            raise ClientError(400, f"{key} {request[key]!r} in the body; this model is "
+                              f"{want!r}")
     inputs = request["inputs"]
-    if len(inputs) != 1 or not isinstance(inputs[0], dict):
+    if len(inputs) != 1:
         raise ClientError(400, f"{len(inputs)} inputs; the model takes one input tensor "
                           f"{model.input_name!r}")
+    if not isinstance(inputs[0], dict):
+        raise ClientError(400, 'an input tensor must be a JSON object {"name", "shape", '
+                          '"datatype", "data"}')
     parameters = _dict(request.get("parameters"), "the request's parameters")
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ClientError(400, '"id" must be a string')
-    if length is None or "data" in inputs[0]:
-        # true/false/null among the pixels; the envelope's own (parameters) do not count.
-        envelope = dict(request, inputs=[dict(inputs[0], data=[])])
-        refuse_literals(header, f"the data of input {model.input_name!r}", envelope)
+    # true/false/null among the pixels (the envelope's parameters may hold their own).
+    if has_literals(header) and holds_literals(inputs[0].get("data", [])):
+        raise ClientError(400, literal_message(f"the data of input {model.input_name!r}"))
     images = _images(inputs[0], length, binary, model, max_batch)
     return Request(images, _outputs(request, parameters, model.num_classes), request_id)
 
@@ -235,7 +253,7 @@ def respond(request, results, model):
         else:
             entry["data"] = values.reshape(-1).tolist()
         outputs.append(entry)
-    answer = {"model_name": model.name, "model_version": VERSION, "outputs": outputs}
+    answer = {"model_name": model.name, "model_version": model.version, "outputs": outputs}
     if request.id is not None:
         answer["id"] = request.id
     text = json.dumps(answer).encode()

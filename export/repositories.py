@@ -4,7 +4,7 @@
                                  backend, input and output names, dims and data
                                  types, max batch size, dynamic batching
     triton/NAME/labels.txt       the class names, one a line (Triton's classification
-                                 extension answers them for `probabilities`)
+                                 extension answers them for logits and probabilities)
     triton/NAME/1/model.onnx     the export's ONNX file (version 1)
     tf_serving/NAME/1/           the export's SavedModel: TF Serving loads a model's
                                  numbered version folders under its base path
@@ -33,7 +33,7 @@ def triton_config(name, image_shape, num_classes, max_batch, labels=None,
     model: input `images` FP32 [batch, *image_shape], outputs `logits` and
     `probabilities` FP32 [batch, num_classes]."""
     dims = ", ".join(map(str, image_shape))
-    label_line = f'\n    label_filename: "{labels}"' if labels else ""
+    label_line = f'\n    label_filename: "{labels}"' if labels else ""  # on both outputs
     return f'''name: "{name}"
 backend: "onnxruntime"
 max_batch_size: {int(max_batch)}
@@ -49,7 +49,7 @@ output [
   {{
     name: "logits"
     data_type: TYPE_FP32
-    dims: [ {int(num_classes)} ]
+    dims: [ {int(num_classes)} ]{label_line}
   }},
   {{
     name: "probabilities"

@@ -65,6 +65,8 @@ class Limits:
 class Model:
     """An ONNX classifier: images float32 [N, H, W, C] -> (logits, probabilities)."""
 
+    version = "1"  # the only version a server serves
+
     def __init__(self, onnx_path, card=None, name=None):
         try:
             self.session = onnxruntime.InferenceSession(
@@ -102,21 +104,22 @@ class Batcher:
     """Merges concurrent requests into batches for `run` (see the module doc).
 
     `run(x)` returns an array or a tuple of arrays, each [len(x), ...]; every
-    request gets its own rows. `observe_batch(images)` is told of each batch.
+    request gets its own rows. `on_batch(images)` is told of each batch run.
     """
 
-    def __init__(self, run, max_batch, delay_seconds=0.0, observe_batch=None):
+    def __init__(self, run, max_batch, delay_seconds=0.0, on_batch=None):
         self._run, self._max_batch, self._delay = run, max_batch, delay_seconds
-        self._observe = observe_batch or (lambda images: None)
+        self.on_batch = on_batch or (lambda images: None)
         self._queue = asyncio.Queue()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "onnxruntime")
         self._task = None
+        self._held = None  # taken off the queue, waiting for the next batch
         self.requests = self.batches = self.images = 0
 
     @property
     def queued(self):
         """Requests waiting for the model."""
-        return self._queue.qsize()
+        return self._queue.qsize() + (self._held is not None)
 
     def start(self):
         self._task = asyncio.get_running_loop().create_task(self._serve())
@@ -133,17 +136,16 @@ class Batcher:
         return await future
 
     async def _serve(self):
-        held = None
         while True:
-            first = held or await self._queue.get()
-            held = None
+            first = self._held or await self._queue.get()
+            self._held = None
             if self._delay:
                 await asyncio.sleep(self._delay)
             group, size = [first], len(first[0])
             while not self._queue.empty():
                 item = self._queue.get_nowait()
                 if size + len(item[0]) > self._max_batch:
-                    held = item
+                    self._held = item
                     break
                 group.append(item)
                 size += len(item[0])
@@ -159,7 +161,7 @@ class Batcher:
             self.batches += 1
             self.requests += len(group)
             self.images += size
-            self._observe(size)
+            self.on_batch(size)
             start = 0
             for part, future in group:
                 end = start + len(part)
@@ -173,10 +175,10 @@ LIMITS = web.AppKey("limits", Limits)
 BATCHER = web.AppKey("batcher", Batcher)
 METRICS = web.AppKey("metrics", metrics.Metrics)
 
-ENDPOINTS = ("GET /v2/health/ready, GET /v2/models/{model}, POST /v2/models/{model}/infer "
-             "(Open Inference Protocol); GET /v1/models/{model}, POST "
-             "/v1/models/{model}:predict (TF Serving REST); POST /v1/predict, GET "
-             "/v1/metadata, GET /healthz, GET /metrics")
+def endpoints(app):
+    """Every route of `app`, "METHOD /path" (for the 404 and 405 messages)."""
+    return ", ".join(f"{route.method} {route.resource.canonical}"
+                     for route in app.router.routes() if route.method != "HEAD")
 
 
 def _error(status, message):
@@ -197,7 +199,7 @@ async def _json_errors(request, handler):
         if err.status < 400:
             raise
         return _error(err.status, f"{err.reason}: {request.method} {request.path} "
-                      f"(endpoints: {ENDPOINTS})")
+                      f"(endpoints: {endpoints(request.app)})")
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception:  # a bug of ours: logged, answered, and the server lives on
@@ -212,16 +214,20 @@ def _endpoint(request):
 
 @web.middleware
 async def _observe(request, handler):
-    """Counts and times every answer, errors included (outside _json_errors)."""
+    """Counts and times every answer, errors included (outside _json_errors); a
+    request whose client went away got no answer and is not counted."""
     start = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    finally:
+
+    def count(status):
         request.app[METRICS].observe_request(_endpoint(request), request.method, status,
                                              time.perf_counter() - start)
+    try:
+        response = await handler(request)
+    except web.HTTPException as err:  # what _json_errors lets through: below 400
+        count(err.status)
+        raise
+    count(response.status)
+    return response
 
 
 def _version():
@@ -233,21 +239,20 @@ def _version():
 
 def make_app(model, limits=Limits()):
     """The aiohttp application serving `model` (a `Model`) under `limits`."""
-    batcher = None
-    observed = metrics.Metrics(queue_depth=lambda: batcher.queued if batcher else 0)
-    batcher = Batcher(model, limits.max_batch, limits.batch_delay_ms / 1000,
-                      observe_batch=observed.observe_batch)
+    batcher = Batcher(model, limits.max_batch, limits.batch_delay_ms / 1000)
+    observed = metrics.Metrics(queue_depth=lambda: batcher.queued)
+    batcher.on_batch = observed.observe_batch
 
     def the_model(request):
         """404 unless the path names the served model (and version 1)."""
         name = request.match_info["model"]
-        version = request.match_info.get("version", open_inference.VERSION)
+        version = request.match_info.get("version", model.version)
         if name != model.name:
             raise ClientError(404, f"unknown model {name!r}; this server serves "
                               f"{model.name!r}")
-        if version != open_inference.VERSION:
+        if version != model.version:
             raise ClientError(404, f"unknown version {version!r} of model {name!r}; this "
-                              f"server serves version {open_inference.VERSION}")
+                              f"server serves version {model.version}")
 
     async def body(request):
         if request.content_length is not None and \
@@ -313,7 +318,7 @@ def make_app(model, limits=Limits()):
     # --- TensorFlow Serving's REST API ---
     async def tfs_status(request):
         the_model(request)
-        return web.json_response(tf_serving.status())
+        return web.json_response(tf_serving.status(model))
 
     async def tfs_metadata(request):
         the_model(request)

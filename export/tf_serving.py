@@ -20,12 +20,11 @@ as TF Serving's.
 
 from export.validate import ClientError, check_images, loads, refuse_literals
 
-VERSION = "1"
 SIGNATURES = ("serving_default", "serve")
 
 
-def status():
-    return {"model_version_status": [{"version": VERSION, "state": "AVAILABLE",
+def status(model):
+    return {"model_version_status": [{"version": model.version, "state": "AVAILABLE",
                                        "status": {"error_code": "OK", "error_message": ""}}]}
 
 
@@ -43,7 +42,7 @@ def metadata(model):
         "outputs": {"logits": _tensor_info("StatefulPartitionedCall:0", [-1, k]),
                     "probabilities": _tensor_info("StatefulPartitionedCall:1", [-1, k])},
         "method_name": "tensorflow/serving/predict"}
-    return {"model_spec": {"name": model.name, "signature_name": "", "version": VERSION},
+    return {"model_spec": {"name": model.name, "signature_name": "", "version": model.version},
             "metadata": {"signature_def": {"signature_def": {
                 name: signature for name in SIGNATURES}}}}
 

@@ -31,27 +31,47 @@ def loads(body):
         return json.loads(body, parse_constant=no_constants)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ClientError(400, f"malformed JSON: {err}") from None
+    except RecursionError:
+        raise ClientError(400, "JSON nested too deeply; images are [N, H, W, C]") from None
 
 
-# numpy reads true/false as 1/0 beside numbers. The envelopes' own keys and
-# string values never hold these words, so anywhere in a well-formed body they
-# are values that are not numbers.
+# numpy reads true/false as 1/0 beside numbers, so they must be found in the text.
 _JSON_LITERALS = re.compile(rb"\b(true|false|null)\b")
 
 
-def refuse_literals(body, where, envelope=None):
-    """ClientError if the JSON `body` has true, false or null among its numbers.
+def has_literals(body):
+    """Whether the JSON text `body` has true, false or null anywhere (a fast test: when
+    an envelope's own fields cannot hold them, it is exact for its numbers)."""
+    return _JSON_LITERALS.search(body) is not None
 
-    `envelope`: the parsed request with its pixel data left out, whose own
-    true/false/null (protocol parameters, say) are then not counted.
-    """
-    found = len(_JSON_LITERALS.findall(body))
-    if envelope is not None:
-        found -= len(_JSON_LITERALS.findall(
-            json.dumps(envelope, ensure_ascii=False).encode()))
-    if found > 0:
-        raise ClientError(400, f"non-numeric values (true, false or null) in {where}; "
-                          "pixels must be numbers in [0, 1]")
+
+def literal_message(where):
+    return (f"non-numeric values (true, false or null) in {where}; pixels must be numbers "
+            "in [0, 1]")
+
+
+def refuse_literals(body, where):
+    """ClientError if the JSON `body` has true, false or null: for envelopes whose
+    own fields were checked and hold none (so any one is among the pixels)."""
+    if has_literals(body):
+        raise ClientError(400, literal_message(where))
+
+
+def holds_literals(values):
+    """Whether the parsed nested lists `values` hold a bool or None (exact, slower)."""
+    stack = [values]
+    while stack:
+        value = stack.pop()
+        if not isinstance(value, list):
+            if value is None or isinstance(value, bool):
+                return True
+            continue
+        types = set(map(type, value))
+        if list in types:
+            stack.extend(v for v in value if type(v) is list)
+        if bool in types or type(None) in types:
+            return True
+    return False
 
 
 def as_array(values, image_shape):

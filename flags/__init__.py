@@ -79,8 +79,8 @@ def define_serve_flags():
     model is, how to listen, the server's limits. Imports no TensorFlow."""
     if "port" in FLAGS:
         return
-    flags.DEFINE_string("workdir", None, "Where the run's files go "
-                        "(default: runs/<mode>-<dataset>-<method>).")
+    flags.DEFINE_string("workdir", None, "Where the run's files go (default with "
+                        "main.py: runs/<mode>-<dataset>-<method>; ardir-serve has none).")
     flags.DEFINE_string("export_dir", None, "Where --mode=export writes and --mode=serve "
                         "reads (default: <workdir>/export).")
     flags.DEFINE_string("model_name", None, "The exported model's name: its files "

@@ -29,6 +29,14 @@ def npy(array):
     return buffer.getvalue()
 
 
+def npy_header(shape, descr):
+    """A .npy header alone, declaring `shape` of `descr`, with no data after it."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False,
+                                                  "shape": shape})
+    return buffer.getvalue()
+
+
 def instances(images):
     return json.dumps({"instances": np.round(images, 3).tolist()}).encode()
 
@@ -85,6 +93,15 @@ DECODE_ERRORS = {
     "npy empty": (npy(np.zeros((0, *SHAPE), np.float32)), "application/x-npy", 400,
                   "empty batch"),
     "content type": (instances(GOOD), "text/plain", 415, "Content-Type 'text/plain'"),
+    "deeply nested": (b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                      "application/json", 400, "nested too deeply"),
+    # A .npy header may declare any shape: checked before anything is allocated.
+    "npy declares terabytes": (npy_header((2**40,), "<f8"), "application/x-npy", 400,
+                               "batch of 1099511627776 images is above"),
+    "npy truncated": (npy(GOOD)[:-3], "application/x-npy", 400,
+                      r"says shape \[2, 8, 8, 1\] of float32 \(512 bytes\), but 509"),
+    "npy above max batch": (npy(np.zeros((MAX_BATCH + 1, *SHAPE), np.float32)),
+                            "application/x-npy", 400, "batch of 9 images is above"),
 }
 
 
@@ -147,7 +164,7 @@ def test_shutdown_finishes_the_requests_in_flight():
 
     class SlowModel:
         image_shape, num_classes, card, class_names = SHAPE, 2, {}, ["a", "b"]
-        name, input_name = "slow", "images"
+        name, input_name, version = "slow", "images", "1"
 
         def __call__(self, x):
             started.set()
@@ -173,6 +190,59 @@ def test_shutdown_finishes_the_requests_in_flight():
 
     status, answer = asyncio.run(scenario())
     assert status == 200 and answer["classes"] == ["b", "b"]
+
+
+def test_metrics_count_the_requests_waiting_for_a_busy_model():
+    """ardir_queue_depth while the model is held on a first request and three more
+    wait: 3; once all are answered: 0. And each waiting request is one merged batch."""
+    import aiohttp
+    from aiohttp import web
+    from prometheus_client.parser import text_string_to_metric_families
+    started, release = threading.Event(), threading.Event()
+
+    class HeldModel:
+        image_shape, num_classes, card, class_names = SHAPE, 2, {}, ["a", "b"]
+        name, input_name, version = "held", "images", "1"
+
+        def __call__(self, x):
+            started.set()
+            assert release.wait(30)
+            probabilities = np.tile(np.float32([[0.25, 0.75]]), (len(x), 1))
+            return np.log(probabilities), probabilities
+
+    def gauge(text):
+        return next(s.value for f in text_string_to_metric_families(text)
+                    for s in f.samples if s.name == "ardir_queue_depth")
+
+    async def scenario():
+        runner = web.AppRunner(server.make_app(HeldModel()))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        async with aiohttp.ClientSession() as client:
+            async def call():
+                async with client.post(f"{base}/v1/predict", data=npy(GOOD[:1]),
+                                       headers={"Content-Type": "application/x-npy"}) as r:
+                    return r.status
+            first = asyncio.ensure_future(call())
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            rest = [asyncio.ensure_future(call()) for _ in range(3)]
+            app = runner.app
+            while app[server.BATCHER].queued < 3:
+                await asyncio.sleep(0.01)
+            async with client.get(f"{base}/metrics") as r:
+                waiting = gauge(await r.text())
+            release.set()
+            statuses = await asyncio.gather(first, *rest)
+            async with client.get(f"{base}/metrics") as r:
+                text = await r.text()
+        await runner.cleanup()
+        return waiting, gauge(text), statuses, text
+
+    waiting, after, statuses, text = asyncio.run(scenario())
+    assert (waiting, after, statuses) == (3, 0, [200] * 4)
+    assert "ardir_batch_images_count 2.0" in text and "ardir_batch_images_sum 4.0" in text
 
 
 # --- the server, as a client sees it ----------------------------------------
@@ -303,13 +373,14 @@ def test_the_readme_clients_work(served, onnx_path, images):
     assert labels == want.argmax(1).tolist()
     np.testing.assert_allclose(probabilities, want, atol=1e-6)
 
-    printed = io.StringIO()
+    printed, namespace = io.StringIO(), {}
     with contextlib.redirect_stdout(printed):
-        exec(triton_client.replace("127.0.0.1:8500", f"127.0.0.1:{port}"), {})
-    half = onnxruntime.InferenceSession(str(onnx_path)).run(
-        ["probabilities"], {"images": np.full((2, *SHAPE), 0.5, np.float32)})[0]
-    assert printed.getvalue().split("]")[0].strip("[ ") == " ".join(
-        map(str, half.argmax(1))) and "(2, 10)" in printed.getvalue()
+        exec(triton_client.replace("127.0.0.1:8500", f"127.0.0.1:{port}"), namespace)
+    want = onnxruntime.InferenceSession(str(onnx_path)).run(["probabilities"],
+                                                            {"images": namespace["x"]})[0]
+    assert printed.getvalue().strip() == str(want.argmax(1))
+    # Row by row (four different images), not only their labels.
+    np.testing.assert_array_equal(namespace["result"].as_numpy("probabilities"), want)
 
     script = re.search(r"```sh\n(curl -s localhost:8500/healthz\n.*?)```", section, re.S)
     run = subprocess.run(["bash", "-c", script.group(1).replace("8500", str(port))],
