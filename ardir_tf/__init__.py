@@ -2,7 +2,7 @@
 
 Where each concept lives:
     models       model builders with named stages; expose(model, names)
-    attacks      FGSM, PGD, CW, APGD-CE/-T, Square (Linf, L2) as functions
+    attacks      FGSM, PGD, CW, APGD-CE/-T, FAB/FAB-T, Square (Linf, L2) as functions
                  of (model_fn, x, y)
     losses       per-example losses: ce, kd_kl, ir_distance, natural, pgd_at,
                  trades, ard, rslad, ardir (the objective: docs/objective.md)

@@ -19,9 +19,11 @@ plain dict, ready for JSON:
 
 Attack presets (`SUITES`): "fast" is FGSM, PGD-k and CW-inf (PGD on the CW
 margin; CW-L2-style margin PGD under --norm=l2), "standard" is AutoAttack's
-standard set without FAB-T: APGD-CE, APGD-T (9 targets) and Square (5000
-queries). FAB-T is not implemented; on published models it rarely breaks a point
-the other three leave standing (Croce & Hein 2020).
+standard set: APGD-CE, APGD-T (9 targets), FAB-T (9 targets, 100 iterations)
+and Square (5000 queries).
+
+    minimal_perturbation  {attack name: {broken, median, norm}} for FAB and FAB-T:
+                          the median norm of the perturbations that broke a point
 
 With `sequential=True` the attacks run in order, each only on the points no
 earlier attack broke (AutoAttack's rule: the same worst case, at less cost);
@@ -65,11 +67,13 @@ def fast(eps, norm="linf", steps=20, step_size=None):
             f"cw_{norm}": _attack(attacks_lib.pgd, loss="cw", **pgd)}
 
 
-def standard(eps, norm="linf", apgd_steps=100, n_targets=9, queries=5000):
-    """AutoAttack's standard set without FAB-T: APGD-CE, APGD-T, Square."""
+def standard(eps, norm="linf", apgd_steps=100, n_targets=9, queries=5000, fab_steps=100):
+    """AutoAttack's standard set, in its order: APGD-CE, APGD-T, FAB-T, Square."""
     return {"apgd_ce": _attack(attacks_lib.apgd, eps=eps, norm=norm, steps=apgd_steps),
             "apgd_t": _attack(attacks_lib.apgd_targeted, eps=eps, norm=norm, steps=apgd_steps,
                               n_targets=n_targets),
+            "fab_t": _attack(attacks_lib.fab_targeted, eps=eps, norm=norm, steps=fab_steps,
+                             n_targets=n_targets),
             "square": _attack(attacks_lib.square, gradient_free=True, eps=eps, norm=norm,
                               queries=queries)}
 
@@ -140,7 +144,9 @@ class _Runner:
                 tf.random.set_seed(seed)  # this graph's seed only (see the class doc)
                 x_adv = xb if attack is None else attack(model_fn, xb, yb, *rest)
                 logits = attacks_lib._logits(model_fn(x_adv))
-                return tf.equal(tf.argmax(logits, -1), yb)
+                flat = tf.reshape(x_adv - xb, [tf.shape(xb)[0], -1])
+                return (tf.equal(tf.argmax(logits, -1), yb),
+                        tf.reduce_max(tf.abs(flat), 1), tf.norm(flat, axis=1))
             # A concrete function: each attack is its own function by design, and
             # calling concrete functions keeps TensorFlow's "frequent retracing"
             # warning (meant for accidental retraces) quiet without touching its
@@ -149,16 +155,21 @@ class _Runner:
                 self.example, tf.TensorSpec([None], tf.int64), *extra)
         fn, out = self._compiled[key], []
         for i in range(0, len(arrays[1]), self.batch_size):
-            out.append(fn(*(tf.convert_to_tensor(a[i: i + self.batch_size])
-                            for a in arrays)).numpy())
+            out.append([t.numpy() for t in fn(*(tf.convert_to_tensor(a[i: i + self.batch_size])
+                                                for a in arrays))])
             if bar is not None:
-                bar.add(len(out[-1]))
-        return np.concatenate(out) if out else np.zeros([0], bool)
+                bar.add(len(out[-1][0]))
+        if not out:
+            return np.zeros([0], bool), {"linf": np.zeros([0]), "l2": np.zeros([0])}
+        right, linf, l2 = (np.concatenate(parts) for parts in zip(*out))
+        return right, {"linf": linf, "l2": l2}
 
-    def right(self, name, attack, x, y, bar=None):
+    def right(self, name, attack, x, y, bar=None, distances=False):
         """Booleans: the model's prediction on attack(model_fn, x, y) equals y
-        (attack None: on x itself). `name` keys the compiled function."""
-        return self._run(("attack", name), lambda: attack, x, y, bar=bar)
+        (attack None: on x itself). `name` keys the compiled function. With
+        `distances`, also {"linf", "l2"}: each example's perturbation norm."""
+        right, norms = self._run(("attack", name), lambda: attack, x, y, bar=bar)
+        return (right, norms) if distances else right
 
     def right_pgd(self, steps, norm, x, y, eps, step_size):
         """As `right`, under `attacks.pgd_per_example` (eps, step_size: [n])."""
@@ -166,8 +177,12 @@ class _Runner:
             return lambda model_fn, xb, yb, e, s: attacks_lib.pgd_per_example(
                 model_fn, xb, yb, eps=e, step_size=s, steps=steps, norm=norm)
         return self._run(("pgd", steps, norm), make, x, y, np.asarray(eps, np.float32),
-                         np.asarray(step_size, np.float32))
+                         np.asarray(step_size, np.float32))[0]
 
+
+# Attacks that look for the least perturbation: the report gives the median norm
+# of the perturbations that broke a point.
+MINIMAL_NORM_ATTACKS = ("fab", "fab_targeted")
 
 # APGD-T runs its targets together while the tiled batch's activations stay
 # under this (an estimate: the float32 outputs of the model's layers).
@@ -198,7 +213,8 @@ def _batch_targets(attack, model, batch_size):
     the caller left it unset: as many targets at once as fit the memory
     budget (1 when the model's size is unknown: one target at a time)."""
     settings = attack.settings
-    if settings.get("attack") != "apgd_targeted" or "targets_per_run" in settings:
+    if settings.get("attack") not in ("apgd_targeted", "fab_targeted") or \
+            "targets_per_run" in settings:
         return attack
     n_targets, restarts = settings.get("n_targets", 9), settings.get("restarts", 1)
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
@@ -255,7 +271,7 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
 
     # robust[name][i]: True if example i survived the attack; in sequential mode
     # also False where an earlier attack already broke it.
-    robust, seconds, attacked = {}, {}, {}
+    robust, seconds, attacked, minimal = {}, {}, {}, {}
     standing = clean.copy()
     for name, attack in attacks.items():
         todo = np.flatnonzero(standing if sequential else clean)
@@ -265,10 +281,16 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
             print(f"  {name}: {len(todo)} examples")
         t = time.perf_counter()
         survived = np.zeros_like(clean)
-        survived[todo] = runner.right(name, attack.run, x[todo], y[todo], bar)
+        survived[todo], norms = runner.right(name, attack.run, x[todo], y[todo], bar,
+                                             distances=True)
         seconds[name] = round(time.perf_counter() - t, 2)
         robust[name] = survived
         standing &= survived
+        if attack.settings.get("attack") in MINIMAL_NORM_ATTACKS:
+            broken = norms[norm][~survived[todo]]
+            minimal[name] = {"broken": int(len(broken)),
+                             "median": float(np.median(broken)) if len(broken) else None,
+                             "norm": norm}
     worst = standing
 
     checks = sanity.run_checks(runner, x[:sanity_examples], y[:sanity_examples],
@@ -299,6 +321,7 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
         "attacks": {n: _jsonable(a.settings) for n, a in attacks.items()},
         "attack_seconds": seconds,
         "attacked": attacked,
+        "minimal_perturbation": minimal,
         "sanity_checks": checks,
         "reliable": _reliable(checks),
         "seconds": round(time.perf_counter() - start, 2),

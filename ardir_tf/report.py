@@ -28,6 +28,11 @@ def format_table(reports):
         times = ", ".join(f"{n} {s:.1f}" for n, s in r.get("attack_seconds", {}).items())
         lines.append(f"seconds  {name}: {times} (total {r['seconds']:.1f} with sanity checks)")
     for name, r in reports.items():
+        for attack, found in r.get("minimal_perturbation", {}).items():
+            if found["broken"]:
+                lines.append(f"minimal  {name}: {attack} broke {found['broken']} points, "
+                             f"median {found['norm']} perturbation {found['median']:.4f}")
+    for name, r in reports.items():
         for check, result in r.get("sanity_checks", {}).items():
             if isinstance(result, dict) and result["passed"] is False:
                 lines.append(f"WARNING  {name}: sanity check {check} FAILED: {result['message']}")

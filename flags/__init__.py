@@ -193,8 +193,8 @@ def define_flags():
                          "evaluation run on (0: skip them; the report then says "
                          "reliable: null).")
     flags.DEFINE_list("attacks", ["fast"], "Attack presets to evaluate with: fast (FGSM, "
-                      "PGD-<eval_steps>, CW), standard (APGD-CE, APGD-T, Square; AutoAttack "
-                      "without FAB-T), or both: fast,standard.")
+                      "PGD-<eval_steps>, CW), standard (AutoAttack's standard set: APGD-CE, "
+                      "APGD-T, FAB-T, Square), or both: fast,standard.")
     flags.DEFINE_boolean("sequential_attacks", False, "Run each attack only on the points "
                          "the earlier ones left standing (AutoAttack's rule: same worst case, "
                          "less time; per-attack columns become cumulative).")

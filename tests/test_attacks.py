@@ -401,3 +401,152 @@ def test_evaluate_runs_apgd_t_targets_together_within_the_memory_budget():
     with pytest.raises(ValueError, match="targets_per_run must be an integer >= 1"):
         attacks.apgd_targeted(lambda z: tf.zeros([2, 10]), tf.zeros([2, 8, 8, 1]),
                               tf.zeros([2], tf.int32), eps=0.1, targets_per_run=0)
+
+
+# --- FAB and FAB-T ------------------------------------------------------------
+
+def linear_classifier(seed=0, n=24, d=64, k=10):
+    """logits = W x + b on [n, 8, 8, 1] inputs, and each example's exact least
+    distance to another class: min_j |f_y - f_j| / ||w_j - w_y||_q (q the dual
+    norm), which holds while the nearest point of that boundary lies inside the
+    box (checked)."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(d, k)).astype(np.float32) * 0.3
+    b = rng.normal(size=k).astype(np.float32) * 0.1
+    x = rng.uniform(0.35, 0.65, size=(n, 8, 8, 1)).astype(np.float32)
+    model = lambda z: tf.reshape(z, [-1, d]) @ w + b  # noqa: E731
+    logits = model(x).numpy()
+    y = logits.argmax(1)
+    exact = {}
+    for norm, q in (("linf", 1), ("l2", 2)):
+        dw = w.T[None, :, :] - w.T[y][:, None, :]  # grad of f_j - f_y: [n, k, d]
+        gap = logits[np.arange(n), y][:, None] - logits
+        size = np.linalg.norm(dw, ord=q, axis=2)
+        dist = np.where(np.arange(k)[None] == y[:, None], np.inf,
+                        gap / np.where(size > 0, size, 1))
+        j = dist.argmin(1)
+        exact[norm] = dist[np.arange(n), j]
+        g = dw[np.arange(n), j]
+        step = np.sign(g) * exact[norm][:, None] if norm == "linf" else \
+            g * (exact[norm] / np.linalg.norm(g, axis=1))[:, None]
+        nearest = x.reshape(n, d) + step
+        assert nearest.min() >= 0 and nearest.max() <= 1  # the closed form holds
+    return model, x, y, exact
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("attack", ["fab", "fab_targeted"])
+def test_fab_finds_the_nearest_boundary_of_a_linear_classifier(norm, attack):
+    model, x, y, exact = linear_classifier()
+    x_adv, norms = getattr(attacks, attack)(model, x, y, eps=10.0, norm=norm, steps=100,
+                                            return_norms=True)
+    ratio = norms.numpy() / exact[norm]
+    assert ratio.min() >= 1 - 1e-4 and ratio.max() <= 1.03, ratio  # the exact minimum
+    measured = np.abs((x_adv.numpy() - x).reshape(len(x), -1))
+    measured = measured.max(1) if norm == "linf" else np.sqrt((measured ** 2).sum(1))
+    np.testing.assert_allclose(measured, norms.numpy(), rtol=1e-4)
+    assert np.all(model(x_adv).numpy().argmax(1) != y)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fab_breaks_only_what_it_can_within_eps_and_never_reports_a_correct_point(norm):
+    model, x, y, exact = linear_classifier(seed=1)
+    eps = float(np.median(exact[norm]))  # half the points are out of reach
+    for attack in (attacks.fab, attacks.fab_targeted):
+        x_adv = attack(model, x, y, eps=eps, norm=norm, steps=50).numpy()
+        changed = np.any(x_adv != x, axis=(1, 2, 3))
+        wrong = model(x_adv).numpy().argmax(1) != y
+        assert np.array_equal(changed, wrong)  # a changed point is a broken one
+        assert not np.any(changed[exact[norm] > eps])  # nothing below the true minimum
+        assert np.all(changed[exact[norm] * 1.03 < eps])  # and all within reach
+
+
+def test_box_projection_is_the_least_displacement_onto_the_hyperplane():
+    from scipy.optimize import linprog
+    rng = np.random.default_rng(0)
+    n, d = 12, 10
+    t = rng.uniform(0, 1, (n, d)).astype(np.float32)
+    w = rng.normal(size=(n, d)).astype(np.float32)
+    w[:, 0] = 0.0  # a coordinate the hyperplane does not depend on
+    # Targets from near (box inactive) to far (box active) to unreachable.
+    reach = np.where(w > 0, t, 1 - t) * np.abs(w)
+    fall = reach.sum(1) * np.linspace(0.02, 1.3, n)
+    b = ((w * t).sum(1) - fall).astype(np.float32)
+    for norm in ("linf", "l2"):
+        delta = attacks.box_projection(tf.constant(t), tf.constant(w), tf.constant(b),
+                                       norm).numpy()
+        z = t + delta
+        assert z.min() >= -1e-6 and z.max() <= 1 + 1e-6 and np.all(delta[:, 0] == 0)
+        for i in range(n):
+            corner = -np.sign(w[i]) * np.where(w[i] > 0, t[i], 1 - t[i])
+            if fall[i] > reach[i].sum():  # unreachable: the nearest corner
+                np.testing.assert_allclose(delta[i], corner, atol=1e-6)
+                continue
+            assert abs(w[i] @ z[i] - b[i]) < 1e-4 * (1 + abs(b[i]))
+            if norm == "linf":  # min s: |delta_j| <= s, w.delta = b - w.t, box
+                cost = np.r_[np.zeros(d), 1.0]
+                a_ub = np.block([[np.eye(d), -np.ones((d, 1))], [-np.eye(d), -np.ones((d, 1))]])
+                best = linprog(cost, A_ub=a_ub, b_ub=np.zeros(2 * d),
+                               A_eq=np.r_[w[i], 0.0][None], b_eq=[b[i] - w[i] @ t[i]],
+                               bounds=[(-t[i, j], 1 - t[i, j]) for j in range(d)] +
+                               [(0, None)]).fun
+                assert np.abs(delta[i]).max() <= best * (1 + 1e-4) + 1e-6
+            else:  # the KKT point: |delta_j| = min(mu |w_j|, room_j), found by bisection
+                room = np.where(w[i] > 0, t[i], 1 - t[i])
+                lo, hi = 0.0, 1e6
+                for _ in range(200):
+                    mu = (lo + hi) / 2
+                    lo, hi = (mu, hi) if (np.abs(w[i]) * np.minimum(mu * np.abs(w[i]), room)
+                                          ).sum() < fall[i] else (lo, mu)
+                want = -np.sign(w[i]) * np.minimum(lo * np.abs(w[i]), room)
+                np.testing.assert_allclose(delta[i], want, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("l2", 0.4)])
+def test_fab_t_breaks_as_many_natural_digits_as_pgd_20_and_stays_in_the_ball(
+        trained, digits, norm, eps):
+    _, (x, y) = digits
+    x, y = x[:180], y[:180]  # half the test digits: 9 x 100 FAB steps each
+    model = trained["natural"]
+    fn = lambda z: model(z, training=False)  # noqa: E731
+    tf.random.set_seed(0)
+    pgd20 = accuracy(model, attacks.pgd(fn, x, y, eps=eps, step_size=eps / 4, steps=20,
+                                        norm=norm), y)
+    compiled = tf.function(lambda a, b: attacks.fab_targeted(fn, a, b, eps=eps, norm=norm),
+                           autograph=False)  # eagerly, the loop would run op by op
+    x_adv = compiled(tf.constant(x), tf.constant(y))
+    fab_t = accuracy(model, x_adv, y)
+    assert 0.05 < pgd20 < 0.95, pgd20  # not a vacuous comparison
+    assert fab_t <= pgd20, (fab_t, pgd20)
+    delta = (x_adv.numpy() - x).reshape(len(x), -1)
+    size = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta ** 2).sum(1))
+    assert size.max() <= eps * (1 + 1e-5) and x_adv.numpy().min() >= 0
+    assert x_adv.numpy().max() <= 1
+
+
+@pytest.mark.parametrize("attack", ["fab", "fab_targeted"])
+def test_fab_is_one_compiled_loop(tiny, attack):
+    def size(steps):
+        fn = tf.function(lambda a, b: getattr(attacks, attack)(tiny, a, b, eps=0.1,
+                                                               steps=steps, n_targets=3)
+                         if attack == "fab_targeted" else
+                         attacks.fab(tiny, a, b, eps=0.1, steps=steps))
+        g = fn.get_concrete_function(tf.TensorSpec([None, 8, 8, 1]),
+                                     tf.TensorSpec([None], tf.int32)).graph.as_graph_def()
+        return len(g.node) + sum(len(f.node_def) for f in g.library.function)
+
+    assert size(10) == size(100)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(eps=-1), "eps must be >= 0"),
+    (dict(eps=0.1, clip=None), "fab needs a box"),
+    (dict(eps=0.1, eta=0.5), "eta must be"),
+    (dict(eps=0.1, beta=0.0), "beta must be"),
+    (dict(eps=0.1, restarts=0), "restarts must be"),
+    (dict(eps=0.1, norm="l1"), "unknown norm"),
+])
+def test_fab_bad_arguments(tiny, kwargs, message):
+    x, y = batch(2)
+    with pytest.raises(ValueError, match=message):
+        attacks.fab(tiny, x, y, **kwargs)

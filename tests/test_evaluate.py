@@ -38,7 +38,8 @@ N_REPORT = 160
 @pytest.fixture(scope="session")
 def natural_report(trained, digits):
     # AutoAttack's standard set at smaller budgets (APGD-CE keeps its 100 steps).
-    attacks = {**evaluate.fast(0.05), **evaluate.standard(0.05, n_targets=3, queries=1000)}
+    attacks = {**evaluate.fast(0.05), **evaluate.standard(0.05, n_targets=3, queries=1000,
+                                                          fab_steps=30)}
     return evaluate.evaluate(trained["natural"], digits_ds(digits, N_REPORT), 0.05,
                              attacks=attacks, verbose=0)
 
@@ -46,7 +47,8 @@ def natural_report(trained, digits):
 def test_apgd_ce_beats_pgd_and_the_worst_case_is_below_every_attack(natural_report):
     r = natural_report
     acc = r["robust_accuracy"]
-    assert set(acc) == {"fgsm", "pgd20", "cw_linf", "apgd_ce", "apgd_t", "square"}
+    assert set(acc) == {"fgsm", "pgd20", "cw_linf", "apgd_ce", "apgd_t", "fab_t", "square"}
+    assert r["attack_order"][-4:] == ["apgd_ce", "apgd_t", "fab_t", "square"]  # AutoAttack's
     assert 0.3 < acc["pgd20"] < 0.95, acc  # the comparison is not vacuous at eps 0.05
     assert acc["apgd_ce"] <= acc["pgd20"], acc
     assert r["worst_case_accuracy"] <= min(acc.values())
@@ -56,6 +58,14 @@ def test_apgd_ce_beats_pgd_and_the_worst_case_is_below_every_attack(natural_repo
     # targets_per_run: evaluate's grouping of the targets (all 3 fit the budget).
     assert r["attacks"]["apgd_t"] == {"attack": "apgd_targeted", "eps": 0.05, "norm": "linf",
                                       "steps": 100, "n_targets": 3, "targets_per_run": 3}
+    assert r["attacks"]["fab_t"] == {"attack": "fab_targeted", "eps": 0.05, "norm": "linf",
+                                     "steps": 30, "n_targets": 3, "targets_per_run": 3}
+    # FAB-T's least perturbations: the median over the points it broke, within eps.
+    fab = r["minimal_perturbation"]["fab_t"]
+    broken = round((r["clean_accuracy"] - acc["fab_t"]) * r["n_examples"])
+    assert fab["broken"] == broken > 0 and fab["norm"] == "linf"
+    assert 0 < fab["median"] <= 0.05 * (1 + 1e-5)
+    assert set(r["minimal_perturbation"]) == {"fab_t"}
     json.dumps(r)  # all of it is JSON
 
 

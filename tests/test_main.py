@@ -142,7 +142,10 @@ def test_evaluate_mode_reports_every_attack_and_keeps_other_eps_apart(digits_run
             "worst_class", "eps", "norm", "n_examples", "seed", "sanity_checks",
             "reliable", "seconds", "attack_seconds"} <= set(student)
     assert student["attack_order"] == ["fgsm", "pgd3", "cw_linf", "apgd_ce", "apgd_t",
-                                       "square"]
+                                       "fab_t", "square"]  # AutoAttack's order, after fast
+    # Sequential: FAB-T ran on what APGD-T left, and says how small its breaks were.
+    assert student["attacked"]["fab_t"] == round(student["robust_accuracy"]["apgd_t"] * 32)
+    assert student["minimal_perturbation"]["fab_t"]["norm"] == "linf"
     assert set(student["robust_accuracy"]) == set(student["attack_order"])
     assert student["n_examples"] == 32 and student["sequential"]
     assert set(student["sanity_checks"]) == {"n_examples", "eps_sweep", "more_steps",
