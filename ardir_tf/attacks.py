@@ -533,10 +533,13 @@ def box_projection(t, w, b, norm, low=0.0, high=1.0):
     fall = head_c + breaks_s * tail_c  # at each breakpoint, nondecreasing
     d = tf.shape(t)[1]
     k = tf.searchsorted(fall, c[:, None], side="left")[:, 0]
-    feasible = k < d
+    in_range = k < d
     k = tf.minimum(k, d - 1)
+    tail_k = tf.gather(tail_c, k[:, None], batch_dims=1)[:, 0]
+    # A zero tail (weights underflowing to 0) cannot reach c: the corner then.
+    feasible = tf.logical_and(in_range, tf.logical_or(tail_k > 0, c <= 0))
     value = tf.math.divide_no_nan(c - tf.gather(head_c, k[:, None], batch_dims=1)[:, 0],
-                                  tf.gather(tail_c, k[:, None], batch_dims=1)[:, 0])
+                                  tail_k)
     value = tf.maximum(value, 0.0)[:, None]
     size = tf.minimum(value if norm == "linf" else value * aw, room)
     size = tf.where(feasible[:, None], size, room)
@@ -548,9 +551,9 @@ def _fab_check(eps, steps, norm, clip, alpha_max, eta, beta, restarts):
     if clip is None:
         raise ValueError("fab needs a box: clip=(low, high), e.g. (0.0, 1.0)")
     _check_restarts(restarts)
-    for name, value, ok in (("alpha_max", alpha_max, 0 <= alpha_max <= 1),
-                            ("eta", eta, eta >= 1), ("beta", beta, 0 < beta <= 1)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok:
+    for name, value, ok in (("alpha_max", alpha_max, lambda v: 0 <= v <= 1),
+                            ("eta", eta, lambda v: v >= 1), ("beta", beta, lambda v: 0 < v <= 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(value):
             raise ValueError(f"{name} must be a number in FAB's range (alpha_max in "
                              f"[0, 1], eta >= 1, beta in (0, 1]), got {value!r}")
 
@@ -644,8 +647,10 @@ def _fab_finish(model_fn, x, y, candidates, eps, norm, clip, return_norms):
     x_adv = tf.where(tf.reshape(best_norm <= eps, mask_shape), best, x)
     x_adv = tf.clip_by_value(x + _project(x_adv - x, eps, norm), *clip)
     # Never report a point as broken that is not: check the returned point itself.
-    x_adv = tf.where(tf.reshape(_succeeded(model_fn, x_adv, y), mask_shape), x_adv, x)
-    return (x_adv, best_norm) if return_norms else x_adv
+    kept = tf.logical_or(_succeeded(model_fn, x_adv, y), best_norm > eps)
+    x_adv = tf.where(tf.reshape(kept, mask_shape), x_adv, x)
+    # A point the check sent back to x has no adversarial example to show.
+    return (x_adv, tf.where(kept, best_norm, np.inf)) if return_norms else x_adv
 
 
 def fab(model_fn, x, y, *, eps, norm="linf", steps=100, restarts=1, alpha_max=0.1,
@@ -672,6 +677,9 @@ def fab(model_fn, x, y, *, eps, norm="linf", steps=100, restarts=1, alpha_max=0.
       clip: the box (low, high) the projections stay in.
       return_norms: also return each example's least norm found ([batch];
         inf where FAB found none, 0 where the model is wrong on x), whatever eps.
+
+    Each step takes one gradient a class (K backward passes, [batch, K, d] of
+    memory); `fab_targeted` takes one a target, and is what AutoAttack runs.
 
     Returns:
       x_adv (x's shape), adversarial and within eps and clip where FAB broke the

@@ -22,8 +22,10 @@ margin; CW-L2-style margin PGD under --norm=l2), "standard" is AutoAttack's
 standard set: APGD-CE, APGD-T (9 targets), FAB-T (9 targets, 100 iterations)
 and Square (5000 queries).
 
-    minimal_perturbation  {attack name: {broken, median, norm}} for FAB and FAB-T:
-                          the median norm of the perturbations that broke a point
+    minimal_perturbation  {attack name: {broken, attacked, median, norm}} for FAB and
+                          FAB-T: the median norm of the perturbations that broke a
+                          point, over the points it ran on (with sequential=True,
+                          those the earlier attacks left standing)
 
 With `sequential=True` the attacks run in order, each only on the points no
 earlier attack broke (AutoAttack's rule: the same worst case, at less cost);
@@ -220,7 +222,8 @@ def _batch_targets(attack, model, batch_size):
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
                for v in (n_targets, restarts)):
         return attack  # the attack itself says what is wrong with them
-    attempts = n_targets * restarts
+    # APGD-T groups (target, restart) attempts; FAB-T groups targets within a restart.
+    attempts = n_targets * restarts if settings["attack"] == "apgd_targeted" else n_targets
     per_example = _activation_bytes(model) if isinstance(model, keras.Model) else None
     fit = 1 if not per_example else TARGETS_MEMORY_BYTES // (per_example * batch_size)
     per_run = max(1, min(attempts, fit))
@@ -288,7 +291,9 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
         standing &= survived
         if attack.settings.get("attack") in MINIMAL_NORM_ATTACKS:
             broken = norms[norm][~survived[todo]]
-            minimal[name] = {"broken": int(len(broken)),
+            # Over the points this attack broke of those it ran on (in sequential
+            # mode, those the earlier attacks left standing).
+            minimal[name] = {"broken": int(len(broken)), "attacked": int(len(todo)),
                              "median": float(np.median(broken)) if len(broken) else None,
                              "norm": norm}
     worst = standing

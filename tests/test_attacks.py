@@ -449,6 +449,22 @@ def test_fab_finds_the_nearest_boundary_of_a_linear_classifier(norm, attack):
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fab_restarts_and_target_groups_keep_the_least_norm(norm):
+    model, x, y, exact = linear_classifier(seed=2)
+    eps = float(exact[norm].max()) * 1.1  # every point within reach
+    tf.random.set_seed(0)
+    for attack, kwargs in ((attacks.fab, dict(restarts=2)),
+                           (attacks.fab_targeted, dict(restarts=2, targets_per_run=4))):
+        x_adv, norms = attack(model, x, y, eps=eps, norm=norm, steps=60, return_norms=True,
+                              **kwargs)
+        ratio = norms.numpy() / exact[norm]
+        assert ratio.min() >= 1 - 1e-4 and ratio.max() <= 1.03, ratio
+        delta = (x_adv.numpy() - x).reshape(len(x), -1)
+        size = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta ** 2).sum(1))
+        assert size.max() <= eps * (1 + 1e-5) and np.all(model(x_adv).numpy().argmax(1) != y)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_fab_breaks_only_what_it_can_within_eps_and_never_reports_a_correct_point(norm):
     model, x, y, exact = linear_classifier(seed=1)
     eps = float(np.median(exact[norm]))  # half the points are out of reach
@@ -464,22 +480,31 @@ def test_fab_breaks_only_what_it_can_within_eps_and_never_reports_a_correct_poin
 def test_box_projection_is_the_least_displacement_onto_the_hyperplane():
     from scipy.optimize import linprog
     rng = np.random.default_rng(0)
-    n, d = 12, 10
+    n, d = 14, 10
     t = rng.uniform(0, 1, (n, d)).astype(np.float32)
+    t[::3, 1], t[1::3, 2] = 0.0, 1.0  # coordinates with no room one way
     w = rng.normal(size=(n, d)).astype(np.float32)
     w[:, 0] = 0.0  # a coordinate the hyperplane does not depend on
-    # Targets from near (box inactive) to far (box active) to unreachable.
-    reach = np.where(w > 0, t, 1 - t) * np.abs(w)
-    fall = reach.sum(1) * np.linspace(0.02, 1.3, n)
-    b = ((w * t).sum(1) - fall).astype(np.float32)
+    w[-1] = 0.0  # a hyperplane that does not depend on x at all (w . z = w . t)
+    # Targets from near (box inactive) to far (box active) to unreachable, on
+    # both sides of t (c = w . t - b of either sign), and t already on it.
+    side = np.where(np.arange(n) % 2, 1.0, -1.0)
+    reach = {s: np.where(s * w > 0, t, 1 - t) * np.abs(w) for s in (1.0, -1.0)}
+    fall = np.linspace(0.02, 1.3, n) * np.where(side > 0, reach[1.0].sum(1),
+                                                reach[-1.0].sum(1))
+    fall[-2] = 0.0
+    b = ((w * t).sum(1) - side * fall).astype(np.float32)
     for norm in ("linf", "l2"):
         delta = attacks.box_projection(tf.constant(t), tf.constant(w), tf.constant(b),
                                        norm).numpy()
         z = t + delta
         assert z.min() >= -1e-6 and z.max() <= 1 + 1e-6 and np.all(delta[:, 0] == 0)
-        for i in range(n):
-            corner = -np.sign(w[i]) * np.where(w[i] > 0, t[i], 1 - t[i])
-            if fall[i] > reach[i].sum():  # unreachable: the nearest corner
+        np.testing.assert_array_equal(delta[-2:], 0)  # already on it
+        for i in range(n - 2):
+            toward = side[i] * w[i]  # the direction that lowers side * (w . z)
+            room = np.where(toward > 0, t[i], 1 - t[i])
+            corner = -np.sign(toward) * room
+            if fall[i] > reach[side[i]][i].sum():  # unreachable: the nearest corner
                 np.testing.assert_allclose(delta[i], corner, atol=1e-6)
                 continue
             assert abs(w[i] @ z[i] - b[i]) < 1e-4 * (1 + abs(b[i]))
@@ -492,14 +517,17 @@ def test_box_projection_is_the_least_displacement_onto_the_hyperplane():
                                [(0, None)]).fun
                 assert np.abs(delta[i]).max() <= best * (1 + 1e-4) + 1e-6
             else:  # the KKT point: |delta_j| = min(mu |w_j|, room_j), found by bisection
-                room = np.where(w[i] > 0, t[i], 1 - t[i])
                 lo, hi = 0.0, 1e6
                 for _ in range(200):
                     mu = (lo + hi) / 2
                     lo, hi = (mu, hi) if (np.abs(w[i]) * np.minimum(mu * np.abs(w[i]), room)
                                           ).sum() < fall[i] else (lo, mu)
-                want = -np.sign(w[i]) * np.minimum(lo * np.abs(w[i]), room)
+                want = -np.sign(toward) * np.minimum(lo * np.abs(w[i]), room)
                 np.testing.assert_allclose(delta[i], want, atol=1e-4)
+        # Another box is the same problem scaled: [-1, 2] is [0, 1] times 3, minus 1.
+        scaled = attacks.box_projection(tf.constant(3 * t - 1), tf.constant(w),
+                                        tf.constant(3 * b - w.sum(1)), norm, -1.0, 2.0)
+        np.testing.assert_allclose(scaled.numpy(), 3 * delta, atol=1e-4)
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("l2", 0.4)])
@@ -544,6 +572,8 @@ def test_fab_is_one_compiled_loop(tiny, attack):
     (dict(eps=0.1, eta=0.5), "eta must be"),
     (dict(eps=0.1, beta=0.0), "beta must be"),
     (dict(eps=0.1, restarts=0), "restarts must be"),
+    (dict(eps=0.1, alpha_max=None), "alpha_max must be"),
+    (dict(eps=0.1, alpha_max=2.0), "alpha_max must be"),
     (dict(eps=0.1, norm="l1"), "unknown norm"),
 ])
 def test_fab_bad_arguments(tiny, kwargs, message):

@@ -64,6 +64,7 @@ def test_apgd_ce_beats_pgd_and_the_worst_case_is_below_every_attack(natural_repo
     fab = r["minimal_perturbation"]["fab_t"]
     broken = round((r["clean_accuracy"] - acc["fab_t"]) * r["n_examples"])
     assert fab["broken"] == broken > 0 and fab["norm"] == "linf"
+    assert fab["attacked"] == round(r["clean_accuracy"] * r["n_examples"])
     assert 0 < fab["median"] <= 0.05 * (1 + 1e-5)
     assert set(r["minimal_perturbation"]) == {"fab_t"}
     json.dumps(r)  # all of it is JSON

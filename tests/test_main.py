@@ -144,8 +144,10 @@ def test_evaluate_mode_reports_every_attack_and_keeps_other_eps_apart(digits_run
     assert student["attack_order"] == ["fgsm", "pgd3", "cw_linf", "apgd_ce", "apgd_t",
                                        "fab_t", "square"]  # AutoAttack's order, after fast
     # Sequential: FAB-T ran on what APGD-T left, and says how small its breaks were.
-    assert student["attacked"]["fab_t"] == round(student["robust_accuracy"]["apgd_t"] * 32)
-    assert student["minimal_perturbation"]["fab_t"]["norm"] == "linf"
+    fab, acc = student["minimal_perturbation"]["fab_t"], student["robust_accuracy"]
+    assert fab["attacked"] == student["attacked"]["fab_t"] == round(acc["apgd_t"] * 32)
+    assert fab["broken"] == fab["attacked"] - round(acc["fab_t"] * 32)
+    assert fab["median"] is None if not fab["broken"] else 0 < fab["median"] <= 0.15
     assert set(student["robust_accuracy"]) == set(student["attack_order"])
     assert student["n_examples"] == 32 and student["sequential"]
     assert set(student["sanity_checks"]) == {"n_examples", "eps_sweep", "more_steps",
