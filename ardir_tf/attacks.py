@@ -705,8 +705,10 @@ def fab_targeted(model_fn, x, y, *, eps, norm="linf", steps=100, n_targets=9, re
     point of least norm over the targets is kept. Each step needs one gradient
     (untargeted FAB needs one a class).
 
-    `targets_per_run` targets run as one loop on the batch tiled that many times
-    (None: all at once), as in `apgd_targeted`. Other arguments as for `fab`.
+    `targets_per_run` targets run as one loop on the batch tiled that many times.
+    The default, None, runs all of them at once, at n_targets times the memory
+    of one run (unlike `apgd_targeted`, whose default is 1); `evaluate` sets it
+    from the model's size, as for APGD-T. Other arguments as for `fab`.
     """
     _fab_check(eps, steps, norm, clip, alpha_max, eta, beta, restarts)
     if isinstance(n_targets, bool) or not isinstance(n_targets, numbers.Integral) \

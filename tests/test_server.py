@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from conftest import ROOT, SERVED_MAX_BATCH as MAX_BATCH, SERVED_MAX_BODY as MAX_BODY
+from conftest import SERVED_MAX_BATCH as MAX_BATCH, SERVED_MAX_BODY as MAX_BODY
 from conftest import SERVED_SHAPE as SHAPE, start_server
 from export import native, server, validate
 
