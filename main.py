@@ -314,7 +314,7 @@ def natural_trainable(data):
 def teacher_trainable(model):
     from ardir_tf import AdversarialTrainer
     return AdversarialTrainer(model, attack=attack(FLAGS.steps), method=FLAGS.teacher_method,
-                              beta=FLAGS.trades_beta)
+                              beta=FLAGS.trades_beta, bn_statistics=FLAGS.bn_statistics)
 
 
 def distiller(teacher, student, method, **changes):
@@ -324,9 +324,13 @@ def distiller(teacher, student, method, **changes):
     kwargs = dict(attack_objective=FLAGS.attack_objective, alpha=FLAGS.alpha,
                   temperature=FLAGS.temperature, ir_weight=FLAGS.ir_weight,
                   distance=FLAGS.distance, ir_teacher_input=FLAGS.ir_teacher_input,
-                  ir_student_input=FLAGS.ir_student_input)
+                  ir_student_input=FLAGS.ir_student_input,
+                  kd_teacher_input=FLAGS.kd_teacher_input,
+                  bn_statistics=FLAGS.bn_statistics)
     kwargs.update(changes)
     pairs = kwargs.pop("layers", None) or cli.layer_pairs()
+    if method == "rslad":
+        kwargs.pop("kd_teacher_input")
     if method != "ardir":
         pairs = []
         for name in ("ir_weight", "distance", "ir_teacher_input", "ir_student_input"):
@@ -359,7 +363,9 @@ def cell_trainable(method, data, teacher, student=None):
     options = method.kwargs
     if method.base in ("natural", "pgd_at", "trades"):
         return AdversarialTrainer(student, attack=attack(FLAGS.steps), method=method.base,
-                                  beta=options.get("beta", FLAGS.trades_beta))
+                                  beta=options.get("beta", FLAGS.trades_beta),
+                                  bn_statistics=options.get("bn_statistics",
+                                                            FLAGS.bn_statistics))
     return distiller(teacher, student, method.base, **options)
 
 
@@ -418,6 +424,8 @@ def evaluate_and_report(workdir, data, trained):
     plot = report.plot_eps(reports, workdir.path(f"robustness-{FLAGS.norm}-{FLAGS.eps:g}.png"))
     say("\n" + report.format_table(reports))
     say(f"\nwrote {workdir.path('metrics.json')} and {plot}")
+    for line in report.verdicts(reports):  # last, where a run's reader looks
+        say(line)
 
 
 # --- modes ------------------------------------------------------------------
@@ -432,7 +440,7 @@ def evaluate_model(model, data):
                        step_size=FLAGS.step_size),
         n_examples=FLAGS.eval_examples or None, sequential=FLAGS.sequential_attacks,
         sanity_examples=FLAGS.sanity_examples, seed=FLAGS.seed,
-        verbose=int(FLAGS.verbose == 1))
+        verify=FLAGS.verify_unreliable, verbose=int(FLAGS.verbose == 1))
 
 
 def study(workdir, data):
@@ -447,7 +455,8 @@ def study(workdir, data):
     methods, seeds = cli.study_methods(), list(range(FLAGS.study_seeds))
     evaluation = dict(attacks=FLAGS.attacks, eval_steps=FLAGS.eval_steps,
                       eval_examples=FLAGS.eval_examples, sequential=FLAGS.sequential_attacks,
-                      sanity_examples=FLAGS.sanity_examples, seed=FLAGS.seed)
+                      sanity_examples=FLAGS.sanity_examples, seed=FLAGS.seed,
+                      verify_unreliable=FLAGS.verify_unreliable)
     known = workdir.read_json("metrics.json", {}).get("teacher", {})
     if isinstance(teacher, keras.Model) and known.get("study_evaluation") != evaluation:
         say("[teacher] evaluating it as every cell will be evaluated")
@@ -640,6 +649,12 @@ def main(argv):
             fail(f"no run in {workdir.root} (no flags.json); train first, or point "
                  "--workdir at a run")
         cli.adopt_run_settings(saved)
+        # A study cell's flags.json leaves out the study's evaluation (a study
+        # re-evaluates its cells when it changes); its cell.json records it.
+        evaluation = workdir.read_json("cell.json", {}).get("evaluation") or {}
+        if "eval_steps" not in saved and "eval_steps" in evaluation and \
+                not absl_flags.FLAGS["eval_steps"].present:
+            FLAGS.eval_steps = evaluation["eval_steps"]
     keras.utils.set_random_seed(FLAGS.seed)
     keras.mixed_precision.set_global_policy(FLAGS.precision)
     try:

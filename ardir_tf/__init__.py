@@ -15,6 +15,7 @@ Where each concept lives:
     data         digits (embedded), tfds sets, user .npz; tf.data pipelines
     evaluate     robustness reports: attack presets, worst case, per class
     sanity       the checks every evaluation runs on itself
+    masking      a direct probe of gradient masking, after training or during it
     report       the report as a table and an accuracy-vs-eps plot
     study        a method study's report: means over seeds, paired intervals
     training     optimisers and schedules; resumable training phases
@@ -27,11 +28,11 @@ logger level, no random seed); set TF_CPP_MIN_LOG_LEVEL yourself before
 TensorFlow is imported to quieten its C++ start-up lines.
 """
 
-from ardir_tf import attacks, data, distribute, evaluate, losses, models
+from ardir_tf import attacks, data, distribute, evaluate, losses, masking, models
 from ardir_tf import report, sanity, study, teachers, training, workdir
 from ardir_tf.adversarial import AdversarialTrainer
 from ardir_tf.distill import ARDIRDistiller, LayerPair
 
-__all__ = ["attacks", "data", "distribute", "evaluate", "losses", "models", "report",
-           "sanity", "study", "teachers", "training", "workdir", "AdversarialTrainer",
-           "ARDIRDistiller", "LayerPair"]
+__all__ = ["attacks", "data", "distribute", "evaluate", "losses", "masking", "models",
+           "report", "sanity", "study", "teachers", "training", "workdir",
+           "AdversarialTrainer", "ARDIRDistiller", "LayerPair"]

@@ -8,7 +8,8 @@ every phase of a run trains alike under every tf.distribute strategy.
 import tensorflow as tf
 
 from ardir_tf import losses
-from ardir_tf.robust_model import RobustModel, check_logits_model
+from ardir_tf.robust_model import (RobustModel, check_bn_statistics, check_logits_model,
+                                   clean_pass, moving_statistics)
 
 METHODS = ("pgd_at", "trades", "natural")
 
@@ -28,6 +29,12 @@ class AdversarialTrainer(RobustModel):
         one starts where the attack says (uniform in the ball with
         random_start=True).
       beta: TRADES' robustness weight (6.0 in the paper).
+      bn_statistics: how TRADES' clean pass treats BatchNorm, whose moving
+        statistics the deployed model and every attack use: "split"
+        (default: normalised by its own batch, the moving statistics from the
+        adversarial batches alone), "adv" (inference mode) or "both" (as
+        TRADES' reference code: the moving statistics average the clean and
+        adversarial batches'). See `robust_model.BN_STATISTICS`.
       eval_attack: attack used by `test_step`; defaults to `attack` with CE.
 
     Metrics: loss, its terms (ce_adv; or ce and kl_adv; or ce), clean_accuracy
@@ -39,7 +46,7 @@ class AdversarialTrainer(RobustModel):
 
     TERMS = {"pgd_at": ["ce_adv"], "trades": ["ce", "kl_adv"], "natural": ["ce"]}
 
-    def __init__(self, model, *, attack, method="pgd_at", beta=6.0,
+    def __init__(self, model, *, attack, method="pgd_at", beta=6.0, bn_statistics="split",
                  eval_attack=None, name="adversarial_trainer", **kwargs):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
@@ -51,11 +58,13 @@ class AdversarialTrainer(RobustModel):
             raise ValueError("pgd_at attacks with the attack's own loss, and loss='kl' needs a "
                              "reference distribution: use loss='ce' or 'cw', or method='trades'")
         losses.check_weight("beta", beta)
+        check_bn_statistics(bn_statistics)
         super().__init__(model, attack, eval_attack, train_metrics=self.TERMS[method],
                          adversarial=method != "natural",
                          clean_accuracy=method != "pgd_at", name=name, **kwargs)
         self.model = model
         self.method, self.beta = method, float(beta)
+        self.bn_statistics = bn_statistics
 
     @property
     def network(self):
@@ -80,7 +89,11 @@ class AdversarialTrainer(RobustModel):
         with tf.GradientTape() as tape:
             # x' before x, so BatchNorm's moving statistics update in that order.
             logits_adv = None if x_adv is None else self.model(x_adv, training=True)
-            logits_clean = None if self.method == "pgd_at" else self.model(x, training=True)
+            # Natural training has no x': its clean pass trains BatchNorm.
+            logits_clean = (None if self.method == "pgd_at" else
+                            self.model(x, training=True) if self.method == "natural" else
+                            clean_pass(self.model, x, self.bn_statistics,
+                                       moving_statistics(self.model)))
             if self.method == "natural":
                 terms = losses.natural(y, logits_clean)
             elif self.method == "pgd_at":

@@ -13,9 +13,12 @@ One training step (K = attack steps):
        both the attack objective and the loss.
     2. x' = PGD on the student (inference mode) within the eps-ball around x
        (and teacher(x') when ir_teacher_input is "adv" or "both").
-    3. student(x') (and student(x) when the loss has a clean term) in training
-       mode, under the tape; the method's per-example loss, reduced with the
-       global batch size; gradients to the student and the adapters only.
+    3. student(x') in training mode (and student(x) when the loss has a clean
+       term, whose BatchNorm statistics update is undone unless
+       bn_statistics="both": the moving statistics come from x' alone), under
+       the tape; the method's
+       per-example loss, reduced with the global batch size; gradients to the
+       student and the adapters only.
 About K + 1 student forward and backward passes, one more forward (and
 backward) pass for the clean term when alpha < 1, plus one teacher forward pass.
 """
@@ -28,7 +31,8 @@ import tensorflow as tf
 from ardir_tf import losses, teachers
 from ardir_tf.keras_compat import UnsavedAttributesMixin
 from ardir_tf.models import expose
-from ardir_tf.robust_model import RobustModel, check_logits_model
+from ardir_tf.robust_model import (RobustModel, check_bn_statistics, check_logits_model,
+                                   clean_pass, moving_statistics)
 
 METHODS = ("ardir", "ard", "rslad")
 # alpha and attack objective when not given: RSLAD's paper uses 5/6 and attacks
@@ -37,6 +41,9 @@ METHODS = ("ardir", "ard", "rslad")
 DEFAULT_ALPHA = {"ardir": 0.9, "ard": 0.9, "rslad": 5 / 6}
 DEFAULT_OBJECTIVE = {"ardir": None, "ard": None, "rslad": "kl"}
 ATTACK_OBJECTIVES = ("ce", "kl", "ardir")
+# Whose output the KD term pulls the student's s(x') towards: the teacher's on
+# the clean x (ARD's) or on x' itself (one more teacher pass a step).
+KD_TEACHER_INPUTS = ("clean", "adv")
 
 
 def _feature_shape(view, name):
@@ -143,6 +150,19 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
         is matched; "both": also the student's on the clean x against the
         teacher's on x (the student's clean pass is then run even when
         alpha = 1).
+      kd_teacher_input: whose output the KD term (ard, ardir) pulls the
+        student's s(x') towards: the teacher's on the clean x ("clean", ARD's
+        soft labels) or on x' ("adv": t(x'), one more teacher pass a step).
+      bn_statistics: how the student's clean pass (the clean term; RSLAD's
+        kd_clean; the IR term's clean side) treats BatchNorm, whose moving
+        statistics the deployed student and every attack use. "split"
+        (default): normalised by its own batch, the moving statistics learnt
+        from the adversarial batches alone; "adv": in inference mode
+        (normalised by those moving statistics); "both": in training mode,
+        as the ARD and RSLAD reference code does, which averages the clean
+        and the adversarial batches' statistics (on MNIST at eps 0.3 that
+        made the students look robust to PGD and not be: see
+        `robust_model.BN_STATISTICS`).
       adapters: when a pair's shapes differ, learn an adapter (True) or raise.
       eval_attack: attack used by `test_step`; defaults to `attack` with CE.
 
@@ -162,7 +182,8 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
     def __init__(self, teacher, student, layers=(), *, attack, method="ardir",
                  attack_objective=None, alpha=None, temperature=1.0, ir_weight=1.0,
                  distance="normalized_mse", ir_teacher_input="clean",
-                 ir_student_input="adv", adapters=True, eval_attack=None,
+                 ir_student_input="adv", kd_teacher_input="clean", bn_statistics="split",
+                 adapters=True, eval_attack=None,
                  name="ardir_distiller", **kwargs):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
@@ -198,6 +219,18 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
         if ir_student_input not in losses.IR_STUDENT_INPUTS:
             raise ValueError(f"unknown ir_student_input {ir_student_input!r}; valid: "
                              f"{', '.join(losses.IR_STUDENT_INPUTS)}")
+        check_bn_statistics(bn_statistics)
+        if kd_teacher_input not in KD_TEACHER_INPUTS:
+            raise ValueError(f"unknown kd_teacher_input {kd_teacher_input!r}; valid: "
+                             f"{', '.join(KD_TEACHER_INPUTS)}")
+        if method == "rslad" and kd_teacher_input != "clean":
+            raise ValueError("method='rslad' distils the teacher's output on the clean x "
+                             "(its soft labels); kd_teacher_input='adv' is for ard and ardir")
+        if attack_objective == "ardir" and kd_teacher_input != "clean":
+            raise ValueError("attack_objective='ardir' maximises the loss against fixed "
+                             "targets, the teacher's on the clean x; with kd_teacher_input="
+                             "'adv' the targets move with x': use attack_objective='ce' "
+                             "or 'kl'")
         if method != "ardir" and (ir_teacher_input, ir_student_input) != ("clean", "adv"):
             raise ValueError("ir_teacher_input and ir_student_input choose the inputs of "
                              f"the IR term, which only method='ardir' has (got {method!r})")
@@ -234,6 +267,7 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
         self.alpha, self.temperature = float(alpha), float(temperature)
         self.ir_weight, self.distance = float(ir_weight), distance
         self.ir_teacher_input, self.ir_student_input = ir_teacher_input, ir_student_input
+        self.kd_teacher_input, self.bn_statistics = kd_teacher_input, bn_statistics
         self.pairs = pairs
 
         self._views.student = expose(student, [p.student for p in self.pairs])
@@ -353,6 +387,8 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
         None without a clean pass); `teacher_adv` the teacher's on x' (only
         with ir_teacher_input "adv" or "both")."""
         t_logits = teacher_out["logits"]
+        if self.kd_teacher_input == "adv":
+            t_logits = teacher_adv["logits"]
         clean_logits = s_clean["logits"] if isinstance(s_clean, dict) else s_clean
         if self.method == "rslad":
             return losses.rslad(clean_logits, s_adv["logits"], t_logits, self.alpha)
@@ -365,7 +401,7 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
             self._teacher_features(teacher_out), self.alpha, self.temperature,
             self.ir_weight, self.distance, teacher_input=self.ir_teacher_input,
             teacher_features_adv=(self._teacher_features(teacher_adv)
-                                  if on and teacher_adv is not None else None),
+                                  if on and self.ir_teacher_input != "clean" else None),
             student_features_clean=(self._adapted(s_clean)
                                     if on and self.ir_student_input == "both" else None))
 
@@ -374,14 +410,17 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
         teacher_out = self._views.teacher(x, training=False)
         x_adv = self._adversarial(x, y, teacher_out)
         teacher_adv = (self._views.teacher(x_adv, training=False)
-                       if self._ir_on and self.ir_teacher_input != "clean" else None)
+                       if (self._ir_on and self.ir_teacher_input != "clean")
+                       or self.kd_teacher_input == "adv" else None)
         with tf.GradientTape() as tape:
             s_adv = self._views.student(x_adv, training=True)
             s_clean = None
-            if self._ir_on and self.ir_student_input == "both":
-                s_clean = self._views.student(x, training=True)  # logits and features
+            # After x', so BatchNorm's moving statistics end each step as x' left them.
+            moving = moving_statistics(self.student)
+            if self._ir_on and self.ir_student_input == "both":  # logits and features
+                s_clean = clean_pass(self._views.student, x, self.bn_statistics, moving)
             elif self._has_clean_pass(self.method, self.alpha):
-                s_clean = self.student(x, training=True)
+                s_clean = clean_pass(self.student, x, self.bn_statistics, moving)
             terms = self._loss_terms(y, s_clean, s_adv, teacher_out, teacher_adv)
             scaled = self.optimizer.scale_loss(self._reduce(terms["loss"]))
         self._apply(tape, scaled)

@@ -36,12 +36,43 @@ def format_table(reports):
         for check, result in r.get("sanity_checks", {}).items():
             if isinstance(result, dict) and result["passed"] is False:
                 lines.append(f"WARNING  {name}: sanity check {check} FAILED: {result['message']}")
-        if r.get("reliable") is False:
+        verified = r.get("verified")
+        if verified:
+            steps = ", ".join(f"{a} {v:.4f}" for a, v in verified["robust_accuracy"].items())
+            lines.append(f"WARNING  {name}: its gradient attacks' numbers are UNRELIABLE; the "
+                         f"standard attacks run on the points they left standing took the "
+                         f"worst case from {verified['unverified_worst_case_accuracy']:.4f} "
+                         f"to {verified['worst_case_accuracy']:.4f}"
+                         + (f" (after {steps})" if steps else "")
+                         + "; the worst column holds that number")
+        elif r.get("reliable") is False:
             lines.append(f"WARNING  {name}: this evaluation is UNRELIABLE; its robust "
                          "accuracy is likely too high")
         elif r.get("reliable") is None:
             lines.append(f"note     {name}: sanity checks not run")
     return "\n".join(lines)
+
+
+def verdicts(reports):
+    """One line per model whose evaluation failed a sanity check, naming the
+    checks and the number to trust: what a run prints last."""
+    lines = []
+    for name, r in reports.items():
+        if r.get("reliable") is not False:
+            continue
+        failed = [c for c, v in r.get("sanity_checks", {}).items()
+                  if isinstance(v, dict) and v.get("passed") is False]
+        verified = r.get("verified")
+        if verified:
+            number = (f"trust {verified['worst_case_accuracy']:.4f}, the worst case over "
+                      f"the evaluation's and the standard attacks, not the gradient "
+                      f"attacks' {verified['unverified_worst_case_accuracy']:.4f}")
+        else:
+            number = (f"its worst case {r['worst_case_accuracy']:.4f} is an upper bound: "
+                      "evaluate it with --attacks=fast,standard")
+        lines.append(f"WARNING {name}: sanity check {', '.join(failed)} FAILED (gradients "
+                     f"likely masked); {number}")
+    return lines
 
 
 def plot_eps(reports, path):

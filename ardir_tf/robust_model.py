@@ -58,6 +58,60 @@ def check_logits_model(model, role):
                          "take logits: build it without the final softmax")
 
 
+# How a method that runs the network on the clean x as well as on x' (ARD,
+# ARDIR, RSLAD, TRADES) treats BatchNorm in its clean pass. BatchNorm's moving
+# statistics are what the deployed model, and every attack (the training
+# attack included), normalise with.
+#   "split": each pass is normalised by its own batch, as in the reference
+#            code, but the moving statistics are learnt from the adversarial
+#            batches alone (the clean pass's update is undone);
+#   "adv":   the clean pass runs in inference mode: normalised by the moving
+#            statistics, which only the adversarial batches update;
+#   "both":  each pass in training mode, both update the moving statistics: the
+#            methods' reference PyTorch code. Under a large threat model the two
+#            batches' statistics differ so much that their average is neither
+#            network (README, "Which method?": the MNIST students were found
+#            masked this way).
+BN_STATISTICS = ("split", "adv", "both")
+
+
+def check_bn_statistics(value):
+    if value not in BN_STATISTICS:
+        raise ValueError(f"unknown bn_statistics {value!r}; valid: split (each pass "
+                         "normalised by its own batch, the moving statistics from the "
+                         "adversarial batches), adv (the clean pass in inference mode) or "
+                         "both (the reference code's)")
+    return value
+
+
+def moving_statistics(model):
+    """The moving mean and variance of every BatchNormalization layer in
+    `model`, nested models included."""
+    found = []
+    for layer in getattr(model, "layers", ()):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found += [layer.moving_mean, layer.moving_variance]
+        elif getattr(layer, "layers", None):
+            found += moving_statistics(layer)
+    return found
+
+
+def clean_pass(network, x, bn_statistics, moving):
+    """`network` on the clean batch x as `bn_statistics` says (see
+    BN_STATISTICS); `moving` are its `moving_statistics`."""
+    if bn_statistics == "adv":
+        return network(x, training=False)
+    if bn_statistics == "both" or not moving:
+        return network(x, training=True)
+    # Program order orders the reads, the pass's own updates and the restores
+    # (automatic control dependencies on each variable).
+    saved = [tf.identity(v.value) for v in moving]
+    out = network(x, training=True)
+    for v, value in zip(moving, saved):
+        v.assign(value)
+    return out
+
+
 def accuracy(y, logits):
     """Per-example 0/1 correctness of argmax(logits) against integer labels."""
     pred = tf.argmax(logits, axis=-1, output_type=tf.int32)

@@ -8,11 +8,13 @@ again. Its rows are dicts
 
     {"method": "ardir", "seed": 0, "clean_accuracy": 0.99,
      "worst_case_accuracy": 0.71, "robust_accuracy": {"pgd20": 0.73, ...},
-     "seconds_per_epoch": 1.9, "reliable": True}
+     "seconds_per_epoch": 1.9, "reliable": True, "verified": False}
 
 ("reliable": whether the evaluation's sanity checks passed; False when one
 failed, e.g. a gradient-free attack broke points the gradient attacks could
-not, None when they were not run)
+not, None when they were not run; "verified": whether, after a failed check,
+the standard attacks ran on the points left standing, so that the worst case
+holds them too)
 
 and this module reports them: per method the mean and standard deviation over
 seeds, and per method its paired difference from a reference method (the same
@@ -95,6 +97,8 @@ KNOBS = {
     "ir_student_input": (_choice(losses.IR_STUDENT_INPUTS), ("ardir",)),
     "alpha": (lambda v: _number(v, 0, 1), _DISTILLERS),
     "temperature": (lambda v: _number(v, above=0), ("ard", "ardir")),
+    "kd_teacher_input": (_choice(("clean", "adv")), ("ard", "ardir")),
+    "bn_statistics": (_choice(("split", "adv", "both")), ("ard", "rslad", "ardir", "trades")),
     "attack_objective": (_choice(ATTACK_OBJECTIVES), _DISTILLERS),
     "beta": (lambda v: _number(v, low=0), ("trades",)),
 }
@@ -136,6 +140,9 @@ def _method(name, base, options):
             raise StudyError(f"{name!r}: {key}: {err}") from None
     if parsed.get("attack_objective") == "ardir" and base != "ardir":
         raise StudyError(f"{name!r}: attack_objective=ardir needs the ardir method")
+    if parsed.get("attack_objective") == "ardir" and parsed.get("kd_teacher_input") == "adv":
+        raise StudyError(f"{name!r}: attack_objective=ardir needs kd_teacher_input=clean "
+                         "(fixed targets)")
     return Method(name, base, tuple(sorted(parsed.items())))
 
 
@@ -213,7 +220,8 @@ def _row(method, seed, workdir):
             "worst_case_accuracy": report["worst_case_accuracy"],
             "robust_accuracy": {a: report["robust_accuracy"][a] for a in order},
             "seconds_per_epoch": round(timing["seconds"] / epochs, 3) if epochs else None,
-            "reliable": report.get("reliable")}
+            "reliable": report.get("reliable"),
+            "verified": bool(report.get("verified"))}
 
 
 def finished(workdir, evaluation=None):
@@ -351,7 +359,9 @@ def summarize(rows, reference="ard", metric="worst_case_accuracy", confidence=0.
 
     Returns {"reference", "metric", "confidence", "methods": {method: {"n",
     "seeds", "mean": {metric: value}, "std": {metric: value or None},
-    "unreliable": how many of its rows' sanity checks failed}},
+    "unreliable": how many of its rows' sanity checks failed, "unverified": how
+    many of those have no standard-attack verification (their worst case is an
+    upper bound)}},
     "paired": {method: paired_difference(...)}} (no "paired" entry for the
     reference itself); methods keep the order of their first row.
     """
@@ -366,7 +376,9 @@ def summarize(rows, reference="ard", metric="worst_case_accuracy", confidence=0.
     for m in methods:
         seeds = sorted(by[m])
         entry = {"n": len(seeds), "seeds": seeds, "mean": {}, "std": {},
-                 "unreliable": sum(by[m][s].get("reliable") is False for s in seeds)}
+                 "unreliable": sum(by[m][s].get("reliable") is False for s in seeds),
+                 "unverified": sum(by[m][s].get("reliable") is False
+                                   and not by[m][s].get("verified") for s in seeds)}
         for name in dict.fromkeys((*METRICS, metric)):
             values = np.array([by[m][s][name] for s in seeds], float)
             entry["mean"][name] = float(values.mean())
@@ -385,15 +397,27 @@ def _pm(mean, std):
     return f"{mean:.4f}" + (f" +- {std:.4f}" if std is not None else "          ")
 
 
+# Marks after a method's worst case in the table: some seeds' evaluations
+# failed a sanity check, and their worst case is...
+MARKS = {"verified": ("*", "a sanity check failed on {k} of {n} seeds: the gradient attacks "
+                           "were fooled there, and the worst case is the one after the "
+                           "standard attacks"),
+         "unverified": ("!", "a sanity check failed on {k} of {n} seeds and nothing verified "
+                             "it: an UPPER BOUND (rerun with --attacks=fast,standard)")}
+
+
 def format_table(summary):
     """The summary as text: mean +- std per method, and the paired difference
-    from the reference with its interval (and whether it excludes 0)."""
+    from the reference with its interval (and whether it excludes 0). A method
+    whose evaluations failed a sanity check on some seed is marked in the
+    worst-case column (`MARKS`), with the legend under the table."""
     metric, ref = summary["metric"], summary["reference"]
     pct = round(summary["confidence"] * 100)
     w = max(16, *(len(m) for m in summary["methods"]))
-    lines = [f"{'method':{w}} {'n':>2}  {'clean':>17}  {metric.replace('_accuracy', ''):>17}  "
+    lines = [f"{'method':{w}} {'n':>2}  {'clean':>17}  {metric.replace('_accuracy', ''):>17}    "
              f"vs {ref} (paired, {pct}% interval)",
-             "-" * (w + 80)]
+             "-" * (w + 82)]
+    legend = []
     for m, e in summary["methods"].items():
         text = "reference"
         if m in summary["paired"]:
@@ -403,11 +427,16 @@ def format_table(summary):
             else:
                 verdict = "excludes 0" if p["low"] > 0 or p["high"] < 0 else "contains 0"
                 text = f"{p['mean']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}] {verdict}"
-        if e.get("unreliable"):
-            text += f"; sanity checks failed on {e['unreliable']} of {e['n']} seeds"
+        mark = "  "
+        if e.get("unverified"):
+            mark, note = MARKS["unverified"]
+            legend.append(f"{mark} {m}: " + note.format(k=e["unverified"], n=e["n"]))
+        elif e.get("unreliable"):
+            mark, note = MARKS["verified"]
+            legend.append(f"{mark} {m}: " + note.format(k=e["unreliable"], n=e["n"]))
         lines.append(f"{m:{w}} {e['n']:>2}  {_pm(e['mean']['clean_accuracy'], e['std']['clean_accuracy']):>17}  "
-                     f"{_pm(e['mean'][metric], e['std'][metric]):>17}  {text}")
-    return "\n".join(lines)
+                     f"{_pm(e['mean'][metric], e['std'][metric]):>17} {mark:<2} {text}")
+    return "\n".join(lines + ([""] + legend if legend else []))
 
 
 def write_csv(rows, path, attacks=None):
@@ -417,7 +446,7 @@ def write_csv(rows, path, attacks=None):
     attacks = list(attacks or dict.fromkeys(a for r in rows
                                             for a in r.get("robust_accuracy", {})))
     fields = ["method", "seed", "clean_accuracy", *attacks, "worst_case_accuracy",
-              "seconds_per_epoch", "reliable"]
+              "seconds_per_epoch", "reliable", "verified"]
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
@@ -429,6 +458,7 @@ def write_csv(rows, path, attacks=None):
                                  "worst_case_accuracy": r["worst_case_accuracy"],
                                  "seconds_per_epoch": r.get("seconds_per_epoch", ""),
                                  "reliable": r.get("reliable", ""),
+                                 "verified": r.get("verified", ""),
                                  **{a: r.get("robust_accuracy", {}).get(a, "")
                                     for a in attacks}})
     atomic_write(path, write)

@@ -198,6 +198,10 @@ def define_flags():
     flags.DEFINE_boolean("sequential_attacks", False, "Run each attack only on the points "
                          "the earlier ones left standing (AutoAttack's rule: same worst case, "
                          "less time; per-attack columns become cumulative).")
+    flags.DEFINE_boolean("verify_unreliable", True, "When a model's evaluation fails a "
+                         "sanity check (gradients likely masked), run the standard attacks "
+                         "it lacks on the points left standing, so that its worst case is "
+                         "the number to trust.")
     # Method.
     flags.DEFINE_enum("method", "ardir", list(distill.METHODS), "Distillation method.")
     # "natural" is the baseline phase's method, not a way to train a robust teacher.
@@ -221,6 +225,17 @@ def define_flags():
     flags.DEFINE_enum("ir_student_input", "adv", list(losses.IR_STUDENT_INPUTS),
                       "The student's side of the IR term: its representation on x' (adv), "
                       "or also its representation on x matched to the teacher's on x (both).")
+    flags.DEFINE_enum("bn_statistics", "split", ["split", "adv", "both"],
+                      "How methods that also run the network on the clean x (ard, ardir, "
+                      "rslad, trades) treat BatchNorm there: split (each pass normalised by "
+                      "its own batch; the moving statistics, which the deployed model and the "
+                      "attacks use, from the adversarial batches alone), adv (the clean pass "
+                      "in inference mode) or both (the reference code's: the moving "
+                      "statistics average the two, which masked the MNIST students).")
+    flags.DEFINE_enum("kd_teacher_input", "clean", list(distill.KD_TEACHER_INPUTS),
+                      "Whose output the KD term (ard, ardir) pulls the student's output on "
+                      "x' towards: the teacher's on the clean x (ARD's soft labels) or on x' "
+                      "(one more teacher pass a step).")
     flags.DEFINE_enum("attack_objective", None, list(distill.ATTACK_OBJECTIVES),
                       "What PGD maximises while distilling (default: ce; kl for rslad).")
     flags.DEFINE_float("trades_beta", 6.0, "TRADES' beta (teacher_method=trades).")
@@ -312,6 +327,17 @@ def define_flags():
                 "representation; with --ir_teacher_input=adv or both the targets move with "
                 "x': use --attack_objective=ce or kl")
     flags.register_multi_flags_validator(
+        ["method", "kd_teacher_input"],
+        lambda f: f["method"] != "rslad" or f["kd_teacher_input"] == "clean",
+        message="--kd_teacher_input: method rslad distils the teacher's output on the clean "
+                "x; adv is for ard and ardir")
+    flags.register_multi_flags_validator(
+        ["attack_objective", "kd_teacher_input"],
+        lambda f: f["attack_objective"] != "ardir" or f["kd_teacher_input"] == "clean",
+        message="--attack_objective=ardir maximises the loss against the teacher's clean "
+                "output; with --kd_teacher_input=adv the targets move with x': use "
+                "--attack_objective=ce or kl")
+    flags.register_multi_flags_validator(
         ["method", "attack_objective"],
         lambda f: f["attack_objective"] != "ardir" or f["method"] == "ardir",
         message="--attack_objective=ardir needs --method=ardir")
@@ -397,7 +423,9 @@ def _valid_dataset(name):
 
 # What --mode=evaluate and --mode=export take from the run's flags.json unless
 # given on the command line: the data and the threat model it was trained for.
-RUN_SETTINGS = ("dataset", "seed", "eps", "norm", "step_size", "batch_size")
+# --mode=evaluate and export take these from the run unless the command line
+# gives them: the run's data, threat model and evaluation attack.
+RUN_SETTINGS = ("dataset", "seed", "eps", "norm", "step_size", "batch_size", "eval_steps")
 
 
 def adopt_run_settings(saved):
@@ -429,7 +457,7 @@ def settings():
     run is displayed, whether it may overwrite, where prepared data lives, and
     the export/evaluation reach."""
     skip = {"verbose", "overwrite", "eval_examples", "sanity_examples", "export_dir", "download", "data_dir",
-            "attacks", "sequential_attacks", "opset", "parity_examples", "onnx_path", "host",
+            "attacks", "sequential_attacks", "verify_unreliable", "opset", "parity_examples", "onnx_path", "host",
             "model_name", "port", "max_batch", "max_body_mb", "batch_delay_ms", "strategy", "num_workers",
             "jit_compile", "check_teacher", "study_methods", "study_seeds",
             "study_reference", "study_variants"}
@@ -443,4 +471,4 @@ def settings():
 # Recorded in flags.json only when set away from their default, so that a run
 # written before they existed still resumes (its flags.json lacks them).
 ONLY_WHEN_SET = ("teacher_layout", "teacher_input_scale", "teacher_mean", "teacher_std",
-                 "ir_teacher_input", "ir_student_input")
+                 "ir_teacher_input", "ir_student_input", "kd_teacher_input")

@@ -73,7 +73,8 @@ def test_the_step_computes_its_methods_loss_on_its_adversarial_batch(method):
     trainer.compile(optimizer=keras.optimizers.SGD(0.0))  # lr 0: one fixed model
     # shuffle=False: the fixed x' is paired with x in this order.
     h = trainer.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0).history
-    # Training-mode logits use batch statistics, so they can be read after fit.
+    # Training-mode logits use batch statistics, so they can be read after fit
+    # (TRADES' clean pass is normalised by its own batch: bn_statistics="split").
     clean = np_log_softmax(model(x, training=True).numpy())
     adv = np_log_softmax(model(x_adv, training=True).numpy())
     ce_clean, ce_adv = -clean[np.arange(32), y], -adv[np.arange(32), y]

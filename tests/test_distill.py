@@ -132,7 +132,7 @@ def test_the_ir_inputs_are_the_ones_the_step_matches(teacher_input, student_inpu
     t_view = models.expose(d.teacher, ["stage2"])
     t_clean, t_adv = t_view(x, training=False)["stage2"], t_view(x_adv, training=False)["stage2"]
     s_adv = d._adapted(d._views.student(x_adv, training=True))[0]
-    s_clean = d._adapted(d._views.student(x, training=True))[0]
+    s_clean = d._adapted(d._views.student(x, training=True))[0]  # its own batch's statistics
     matches = {"clean": [(s_adv, t_clean)], "adv": [(s_adv, t_adv)],
                "both": [(s_adv, t_clean), (s_adv, t_adv)]}[teacher_input]
     if student_input == "both":
@@ -142,6 +142,26 @@ def test_the_ir_inputs_are_the_ones_the_step_matches(teacher_input, student_inpu
     logs = d.train_on_batch(x, y, return_dict=True)
     assert logs["ir"] == pytest.approx(float(expected), rel=1e-5)
     assert ("clean_accuracy" in logs) == (student_input == "both")  # alpha = 1: no CE pass
+
+
+@pytest.mark.parametrize("kd_input", ["clean", "adv"])
+def test_the_kd_target_is_the_teachers_output_on_the_input_asked_for(kd_input):
+    # The step's KD term against KL(t(x) || s(x')) or KL(t(x') || s(x')) by hand.
+    keras.utils.set_random_seed(4)
+    d = distiller(method="ard", layers=[], attack=FIXED_ATTACK, kd_teacher_input=kd_input,
+                  alpha=1.0)
+    x, y = batch(16)
+    start = weights(d.student)
+    x_adv = d.adversarial_examples(x, y)
+    target = d.teacher(x if kd_input == "clean" else x_adv, training=False)
+    other = d.teacher(x_adv if kd_input == "clean" else x, training=False)
+    s_adv = d.student(x_adv, training=True)
+    expected = losses.kd_kl(target, s_adv).numpy().mean()
+    d.student.set_weights(start)
+    logs = d.train_on_batch(x, y, return_dict=True)
+    assert logs["kd"] == pytest.approx(float(expected), rel=1e-5)
+    # The two targets differ enough on this batch for the check to tell them apart.
+    assert abs(losses.kd_kl(other, s_adv).numpy().mean() - expected) > 1e-3 * expected
 
 
 def one_step(ir_weight, seed=6):
@@ -163,25 +183,33 @@ def test_ir_term_changes_the_update_of_early_layers_in_the_distiller():
     assert np.abs(step1 - step0).max() > 0.05 * np.abs(step0).max()
 
 
-def test_attack_runs_in_inference_mode_and_the_update_in_training_mode():
+@pytest.mark.parametrize("bn_statistics", ["split", "adv", "both"])
+def test_attack_runs_in_inference_mode_and_the_update_in_training_mode(bn_statistics):
     # With lr 0 one step changes only BN moving statistics. They must be what
-    # exactly two training-mode calls give (x' then x): an attack run in
-    # training mode would have added K more updates.
+    # the training-mode calls give: x' alone ("split": the clean pass's update
+    # is undone; "adv": it runs in inference mode), or x' then x ("both", the
+    # reference code's). An attack run in training mode would have added K more.
     keras.utils.set_random_seed(7)
     teacher, student = tiny_pair()
-    d = distiller(teacher, student, attack=FIXED_ATTACK, optimizer=keras.optimizers.SGD(0.0))
+    d = distiller(teacher, student, attack=FIXED_ATTACK, optimizer=keras.optimizers.SGD(0.0),
+                  bn_statistics=bn_statistics)
     x, y = batch(32)
     x_adv = d.adversarial_examples(x, y)
     twin = keras.models.clone_model(student)
     twin.set_weights(student.get_weights())
     twin(x_adv, training=True)
-    twin(x, training=True)
+    if bn_statistics == "both":
+        twin(x, training=True)
     d.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(32), epochs=1, verbose=0)
     moving = [i for i, w in enumerate(student.weights) if "moving" in w.path]
     assert moving
     for i in moving:
         np.testing.assert_allclose(student.weights[i].numpy(), twin.weights[i].numpy(),
                                    atol=1e-6)
+    # ...and x moves them: the two settings are told apart.
+    twin(x, training=True)
+    assert any(not np.allclose(student.weights[i].numpy(), twin.weights[i].numpy(),
+                               atol=1e-4) for i in moving)
 
 
 def test_standard_callbacks_work(tmp_path):
@@ -282,7 +310,10 @@ def test_one_device_and_two_replicas_train_the_same_weights(mirrored):
         np.testing.assert_allclose(a, b, atol=2e-5)
     assert max(np.abs(a).max() for a in w1) > 0.1  # it trained
     for k in m1:
-        assert m1[k] == pytest.approx(m2[k], abs=1e-4), k  # metrics not 1/N
+        # Metrics not 1/N. The clean pass reads BN's moving statistics, which the
+        # replicas update in their own context: the clean accuracy moved by 1.2e-4
+        # between the two (measured), far from a factor of 2.
+        assert m1[k] == pytest.approx(m2[k], rel=1e-2, abs=1e-4), k
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -308,6 +339,10 @@ def test_one_device_and_two_replicas_train_the_same_weights(mirrored):
     (dict(ir_student_input="clean"), "unknown ir_student_input 'clean'"),
     (dict(method="ard", layers=[], ir_student_input="both"), "only method='ardir' has"),
     (dict(attack_objective="ardir", ir_teacher_input="adv"), "the targets move with x'"),
+    (dict(kd_teacher_input="both"), "unknown kd_teacher_input 'both'"),
+    (dict(bn_statistics="clean"), "unknown bn_statistics 'clean'"),
+    (dict(method="rslad", layers=[], kd_teacher_input="adv"), "is for ard and ardir"),
+    (dict(attack_objective="ardir", kd_teacher_input="adv"), "the targets move with x'"),
 ])
 def test_bad_arguments_say_which_and_why(kwargs, message):
     if "teacher" in kwargs:

@@ -105,8 +105,29 @@ def test_masked_gradients_make_the_checks_fire(trained, digits):
     assert not sq["passed"] and sq["square_accuracy"] < sq["gradient_accuracy"] - 0.5, sq
     assert not checks["unbounded"]["passed"], checks["unbounded"]
     assert r["reliable"] is False
+    # The failed checks brought in the standard attacks, on what was left standing:
+    # the worst case is now the one to trust (Square finds what PGD could not).
+    v = r["verified"]
+    assert v["attacks"] == ["apgd_ce", "apgd_t", "fab_t", "square"]
+    assert set(v["failed_checks"]) >= {"square_vs_gradient", "unbounded"}
+    assert v["unverified_worst_case_accuracy"] > 0.8
+    assert r["worst_case_accuracy"] == v["worst_case_accuracy"] < 0.3, v
+    cumulative = list(v["robust_accuracy"].values())
+    assert cumulative == sorted(cumulative, reverse=True)
+    assert r["worst_class"]["robust_accuracy"] <= r["worst_case_accuracy"]
     table = report.format_table({"masked": r})
     assert "GRADIENTS ARE LIKELY MASKED" in table and "UNRELIABLE" in table
+    # What a run prints last: one line naming the checks and the number to trust.
+    (line,) = report.verdicts({"masked": r, "honest": {"reliable": True}})
+    assert line.startswith("WARNING masked: sanity check ") and "square_vs_gradient" in line
+    assert f"trust {v['worst_case_accuracy']:.4f}" in line
+    assert f"{v['unverified_worst_case_accuracy']:.4f}" in line
+    # Without verification the number is called an upper bound.
+    unverified = evaluate.evaluate(masked, digits_ds(digits, 40), 0.15, attacks="fast",
+                                   verbose=0, verify=False)
+    assert unverified["verified"] is None and unverified["reliable"] is False
+    (line,) = report.verdicts({"masked": unverified})
+    assert "upper bound" in line and "--attacks=fast,standard" in line
 
 
 def test_sequential_attacks_reach_the_same_worst_case_on_fewer_points(trained, digits):
@@ -231,7 +252,7 @@ class MaskedNear(keras.Model):
 def test_masking_on_the_few_points_left_standing_fails_the_square_check(trained, digits):
     _, (x, _) = digits
     r = evaluate.evaluate(MaskedNear(trained["natural"], x[:12], 0.15), digits_ds(digits),
-                          0.15, attacks="fast", verbose=0)
+                          0.15, attacks="fast", verbose=0, verify=False)
     sq = r["sanity_checks"]["square_vs_gradient"]
     assert r["worst_case_accuracy"] < 0.05, r["robust_accuracy"]  # measured: 0.042
     # Square breaks most of what PGD left standing (measured: 13 of 15)...

@@ -159,9 +159,11 @@ def test_evaluate_mode_reports_every_attack_and_keeps_other_eps_apart(digits_run
     assert png.read_bytes()[:4] == b"\x89PNG"
     # Another eps is stored beside the run's own entry, not over it.
     before = metrics(workdir)["student"]
-    ok(run("--mode=evaluate", f"--workdir={workdir}", "--eval_steps=3", "--eps=0.05"))
+    # Without --eval_steps the run's own (smoke.cfg's PGD-2) is kept, not the default 20.
+    ok(run("--mode=evaluate", f"--workdir={workdir}", "--eps=0.05"))
     after = metrics(workdir)
     assert after["student"] == before and after["student@linf-0.05"]["eps"] == 0.05
+    assert "pgd2" in after["student@linf-0.05"]["robust_accuracy"]
     # --mode=export on a run: tests/test_export.py (exported_run).
 
 
@@ -305,6 +307,12 @@ def test_a_killed_study_trains_only_its_missing_cells(tmp_path):
     cell = json.loads((tmp_path / "cells" / "ardir-seed1" / "flags.json").read_text())
     assert (cell["method"], cell["seed"], cell["teacher"]) == \
         ("ardir", 1, str(tmp_path / "teacher.keras"))
+    # --mode=evaluate on a cell keeps the study's evaluation attack (smoke.cfg's
+    # PGD-2, recorded in cell.json), not the --eval_steps default of 20.
+    ok(run("--mode=evaluate", f"--workdir={tmp_path / 'cells' / 'ardir-seed1'}",
+           "--eps=0.1", "--eval_examples=16"))
+    assert "pgd2" in metrics(tmp_path / "cells" / "ardir-seed1")["student@linf-0.1"][
+        "robust_accuracy"]
 
 
 def test_same_seed_same_metrics(digits_run, tmp_path, tmp_path_factory):
@@ -516,11 +524,13 @@ def test_the_mnist_preset_trains_on_tfds_mnist_and_on_a_28x28_npz(tmp_path):
         cli.FLAGS(["main.py", f"--flagfile={ROOT / 'flags' / 'mnist.cfg'}"])
         preset = {n: cli.FLAGS[n].value for n in ("dataset", "eps", "steps", "step_size",
                                                   "eval_steps", "teacher_width",
-                                                  "student_width", "batch_size", "augment")}
+                                                  "student_width", "batch_size", "augment",
+                                                  "bn_statistics")}
     finally:
         cli.FLAGS.unparse_flags()
     assert preset["dataset"] == "mnist" and preset["eps"] == pytest.approx(0.3)
     assert (preset["steps"], preset["step_size"], preset["eval_steps"]) == (10, 0.075, 40)
+    assert preset["bn_statistics"] == "split"  # what keeps MNIST students from masking
     attack = ardir_tf.attacks.PGD(eps=preset["eps"], step_size=preset["step_size"],
                                   steps=preset["steps"])
     for name in ("mnist", npz):

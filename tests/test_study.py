@@ -69,7 +69,21 @@ def test_summarize_and_the_table():
     flagged[4]["reliable"] = False  # ardir, seed 1
     summary_flagged = study.summarize(flagged)
     assert summary_flagged["methods"]["ardir"]["unreliable"] == 1
-    assert "sanity checks failed on 1 of 3 seeds" in study.format_table(summary_flagged)
+    assert summary_flagged["methods"]["ardir"]["unverified"] == 1
+    flagged_table = study.format_table(summary_flagged)
+    # Marked in the worst-case column itself, with the legend under the table.
+    line = next(l for l in flagged_table.splitlines() if l.startswith("ardir"))
+    assert "0.7333 +- 0.0153 !" in line
+    assert "! ardir: a sanity check failed on 1 of 3 seeds and nothing verified it: an " \
+        "UPPER BOUND" in flagged_table
+    assert "!" not in next(l for l in flagged_table.splitlines() if l.startswith("ard "))
+    flagged[4]["verified"] = True  # the standard attacks ran on what was left standing
+    verified = study.summarize(flagged)
+    assert verified["methods"]["ardir"]["unverified"] == 0
+    verified_table = study.format_table(verified)
+    assert "0.7333 +- 0.0153 *" in verified_table
+    assert "* ardir: a sanity check failed on 1 of 3 seeds: the gradient attacks were " \
+        "fooled there" in verified_table and "UPPER BOUND" not in verified_table
     assert "reference" in next(l for l in table.splitlines() if l.startswith("ard "))
     # A method whose seeds the reference lacks is paired on the common ones.
     extra = rows() + [{"method": "ardir", "seed": 7, "clean_accuracy": 0.9,
@@ -89,7 +103,8 @@ def test_the_files(tmp_path):
     with open(csv_path) as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == ["method", "seed", "clean_accuracy", "pgd20", "square",
-                              "worst_case_accuracy", "seconds_per_epoch", "reliable"]
+                              "worst_case_accuracy", "seconds_per_epoch", "reliable",
+                              "verified"]
     assert len(table) == 6 and float(table[3]["worst_case_accuracy"]) == ARDIR[0]
     saved = json.loads(study.write_json(rows(), summary, tmp_path / "study.json").read_text())
     assert saved["summary"]["paired"]["ardir"]["n"] == 3 and len(saved["rows"]) == 6
@@ -104,6 +119,9 @@ def test_method_names_and_their_knobs():
     assert study.parse_method("ard@alpha=5/6").kwargs == {"alpha": pytest.approx(5 / 6)}
     assert study.parse_method("trades@beta=3").kwargs == {"beta": 3.0}
     assert study.parse_method("pgd_at") == study.Method("pgd_at", "pgd_at", ())
+    assert study.parse_method("ard@bn_statistics=both@kd_teacher_input=adv").kwargs == {
+        "bn_statistics": "both", "kd_teacher_input": "adv"}
+    assert study.parse_method("trades@bn_statistics=both").kwargs == {"bn_statistics": "both"}
     assert "/" not in m.slug and ":" not in m.slug
     variants = {"half": "ardir@ir_weight=0.5",
                 "mse": {"method": "ardir", "distance": "mse", "ir_teacher_input": "both"}}
@@ -118,7 +136,12 @@ def test_method_names_and_their_knobs():
                           ("ardir@distance=l1", "distance: expected one of normalized_mse"),
                           ("ardir@alpha=2", r"alpha: expected a number in \[0, 1\]"),
                           ("ardir@layers=stage1", "student_layer:teacher_layer pairs"),
-                          ("rslad@attack_objective=ardir", "needs the ardir method")]:
+                          ("rslad@attack_objective=ardir", "needs the ardir method"),
+                          ("pgd_at@bn_statistics=both", "a knob of ard, rslad, ardir, trades"),
+                          ("ard@bn_statistics=clean", "expected one of split, adv, both"),
+                          ("rslad@kd_teacher_input=adv", "a knob of ard, ardir, not of rslad"),
+                          ("ardir@attack_objective=ardir@kd_teacher_input=adv",
+                           "needs kd_teacher_input=clean")]:
         with pytest.raises(study.StudyError, match=message):
             study.parse_method(text)
 
@@ -191,4 +214,5 @@ def test_the_grid_runs_each_cell_once_and_reevaluates_on_a_new_evaluation(tmp_pa
     summary = study.write_report(tmp_path, rows)
     assert summary["paired"]["ardir"]["mean"] == pytest.approx(0.05)
     assert (tmp_path / "study.csv").read_text().splitlines()[0] == \
-        "method,seed,clean_accuracy,pgd20,apgd_ce,worst_case_accuracy,seconds_per_epoch,reliable"
+        "method,seed,clean_accuracy,pgd20,apgd_ce,worst_case_accuracy,seconds_per_epoch,reliable," \
+        "verified"
