@@ -51,6 +51,9 @@ def _model_fn(model):
 def _gradient_stats(model, x, y, norm, batch_size):
     """Per-example CE input gradients' dual norms and zero shares at x."""
     model_fn = _model_fn(model)
+    if not len(y):
+        empty = np.zeros([0], np.float32)
+        return empty, empty, empty, np.zeros([0, 0], np.float32)
 
     @tf.function(autograph=False)
     def grads(xb, yb):
@@ -128,12 +131,14 @@ def probe(model, x, y, eps, norm="linf", *, steps=(10, 20, 100), apgd_steps=100,
                                                     batch_size)
     first = attacks_lib.PGD(eps=eps, step_size=eps / 4, steps=steps[0], norm=norm)
     model_fn = _model_fn(model)
-    tf.random.set_seed(seed)
-    x_adv = np.concatenate([
-        tf.function(lambda a, b: first(model_fn, a, b), autograph=False)(
-            tf.constant(x[todo][i:i + batch_size]),
-            tf.constant(y[todo][i:i + batch_size])).numpy()
-        for i in range(0, len(todo), batch_size)]) if len(todo) else x[:0]
+
+    def craft(a, b):
+        tf.random.set_seed(seed)  # this graph's seed only, as evaluate's runner does
+        return first(model_fn, a, b)
+    craft = tf.function(craft, autograph=False)
+    x_adv = np.concatenate([craft(tf.constant(x[todo][i:i + batch_size]),
+                                  tf.constant(y[todo][i:i + batch_size])).numpy()
+                            for i in range(0, len(todo), batch_size)]) if len(todo) else x[:0]
     dual_adv, zero_adv, _, _ = _gradient_stats(model, x_adv, y[todo], norm, batch_size)
     top2 = np.sort(logits, axis=1)[:, -2:] if len(todo) else np.zeros([0, 2])
     return {

@@ -18,7 +18,12 @@ def images(digits):
 
 
 def test_an_honest_model_passes_and_its_gradients_are_alive(trained, images):
+    import tensorflow as tf
+    tf.random.set_seed(123)
+    expected = tf.random.uniform([3]).numpy()  # the caller's next draw
+    tf.random.set_seed(123)
     r = masking.probe(trained["student"], *images, EPS, **SETTINGS)
+    assert (tf.random.uniform([3]).numpy() == expected).all()  # its random state untouched
     json.dumps(r)  # all of it is JSON
     assert r["square_share_passes"], r
     assert r["clean"] > 0.9 and 0.3 < r["gradient_worst"] < r["clean"], r
