@@ -430,9 +430,10 @@ def evaluate_and_report(workdir, data, trained):
 
 # --- modes ------------------------------------------------------------------
 
-def evaluate_model(model, data):
+def evaluate_model(model, data, resume_dir=None):
     """The evaluation the flags ask for (every model of a run, every cell of a
-    study: the same attacks, seed and images)."""
+    study: the same attacks, seed and images); `resume_dir` keeps its finished
+    steps (a study cell's)."""
     from ardir_tf import evaluate
     return evaluate.evaluate(
         model, data.test, FLAGS.eps, FLAGS.norm,
@@ -440,7 +441,8 @@ def evaluate_model(model, data):
                        step_size=FLAGS.step_size),
         n_examples=FLAGS.eval_examples or None, sequential=FLAGS.sequential_attacks,
         sanity_examples=FLAGS.sanity_examples, seed=FLAGS.seed,
-        verify=FLAGS.verify_unreliable, verbose=int(FLAGS.verbose == 1))
+        verify=FLAGS.verify_unreliable, resume_dir=resume_dir,
+        verbose=int(FLAGS.verbose == 1))
 
 
 def study(workdir, data):
@@ -484,7 +486,8 @@ def study(workdir, data):
         f"cells in {workdir.path('cells')}")
     try:
         rows = studies.run(workdir.root, methods, seeds, settings=settings, train=train,
-                           evaluate=lambda model: evaluate_model(model, data),
+                           evaluate=lambda model, partial: evaluate_model(model, data,
+                                                                          partial),
                            epochs=FLAGS.epochs, log=lambda m: say(f"[study] {m}"),
                            evaluation=evaluation)
     except (studies.StudyError, WorkdirError) as err:

@@ -40,6 +40,9 @@ earlier attack broke (AutoAttack's rule: the same worst case, at less cost);
 
 import dataclasses
 import functools
+import hashlib
+import json
+import os
 import time
 from typing import Callable
 
@@ -49,6 +52,7 @@ import tensorflow as tf
 
 from ardir_tf import attacks as attacks_lib
 from ardir_tf import sanity
+from ardir_tf.workdir import atomic_write
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,9 +245,55 @@ def _batch_targets(attack, model, batch_size):
                   {**settings, "targets_per_run": per_run}, attack.gradient_free)
 
 
+class _Checkpoints:
+    """Each finished step of an evaluation (an attack, the sanity checks), kept in
+    `directory` as `<step>.npz` under a key naming everything its result
+    depends on (the model's weights, the images, the attack's settings, the
+    points it ran on, the seed): a killed evaluation run again reuses the
+    steps it finished, and a changed one recomputes them. None: keeps nothing."""
+
+    def __init__(self, directory, model, x, y, seed):
+        weights = getattr(model, "weights", None)
+        self.directory = directory if directory and weights else None
+        if self.directory:
+            digest = hashlib.sha1()
+            for w in weights:
+                digest.update(np.ascontiguousarray(np.asarray(w)).tobytes())
+            digest.update(np.ascontiguousarray(x).tobytes())
+            digest.update(np.ascontiguousarray(y).tobytes())
+            self.base = {"data_and_weights": digest.hexdigest(), "seed": int(seed)}
+
+    def __call__(self, step, key, compute):
+        """compute() -> {name: array or JSON-able value}, or the stored one."""
+        if not self.directory:
+            return compute()
+        key = json.dumps({**self.base, **key}, sort_keys=True, default=repr)
+        path = os.path.join(self.directory, f"{step}.npz")
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                if str(stored["key"]) == key:
+                    return {k: (json.loads(str(stored[k])) if k.startswith("json_")
+                                else stored[k]) for k in stored.files if k != "key"}
+        except (OSError, ValueError, KeyError):
+            pass  # none yet, or unreadable: compute it
+        out = compute()
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, key=np.array(key), **{
+                    k: (np.array(json.dumps(v)) if k.startswith("json_") else np.asarray(v))
+                    for k, v in out.items()})
+        atomic_write(path, write)
+        return out
+
+
+def _todo_key(todo):
+    return hashlib.sha1(np.ascontiguousarray(todo, np.int64).tobytes()).hexdigest()
+
+
 def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, *,
              sequential=False, seed=0, batch_size=256, sanity_examples=500,
-             verify=True, verbose=1):
+             verify=True, resume_dir=None, verbose=1):
     """Clean accuracy, robust accuracy under each attack and in the worst case,
     per-class robustness and sanity checks for `model` (pixels -> logits).
 
@@ -270,6 +320,10 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
         hold the worst case over both sets, and `verified` says what ran and
         what the evaluation's own attacks alone gave. On a masked model the
         evaluation's number overstates robustness, often several times over.
+      resume_dir: a directory where each finished attack and the sanity checks
+        are kept (`_Checkpoints`), so that the same evaluation, killed and run
+        again, resumes after its last finished step (None: nothing kept).
+        Delete it when the report is saved.
       verbose: 1 shows a progress bar per attack.
 
     Returns:
@@ -289,17 +343,26 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
     # also False where an earlier attack already broke it.
     robust, seconds, attacked, minimal = {}, {}, {}, {}
     standing = clean.copy()
+    checkpoints = _Checkpoints(resume_dir, model, x, y, seed)
     for name, attack in attacks.items():
         todo = np.flatnonzero(standing if sequential else clean)
         attacked[name] = int(len(todo))
-        bar = keras.utils.Progbar(len(todo), unit_name="example") if verbose else None
-        if verbose:
-            print(f"  {name}: {len(todo)} examples")
-        t = time.perf_counter()
+
+        def run(name=name, attack=attack, todo=todo):
+            bar = keras.utils.Progbar(len(todo), unit_name="example") if verbose else None
+            if verbose:
+                print(f"  {name}: {len(todo)} examples")
+            t = time.perf_counter()
+            right, norms = runner.right(name, attack.run, x[todo], y[todo], bar,
+                                        distances=True)
+            return {"right": right, "linf": norms["linf"], "l2": norms["l2"],
+                    "seconds": round(time.perf_counter() - t, 2)}
+        done = checkpoints(f"attack-{name}", {"attack": attack.settings, "eps": eps,
+                                              "todo": _todo_key(todo)}, run)
         survived = np.zeros_like(clean)
-        survived[todo], norms = runner.right(name, attack.run, x[todo], y[todo], bar,
-                                             distances=True)
-        seconds[name] = round(time.perf_counter() - t, 2)
+        survived[todo] = done["right"]
+        norms = {"linf": done["linf"], "l2": done["l2"]}
+        seconds[name] = float(done["seconds"])
         robust[name] = survived
         standing &= survived
         if attack.settings.get("attack") in MINIMAL_NORM_ATTACKS:
@@ -309,15 +372,19 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
             minimal[name] = {"broken": int(len(broken)), "attacked": int(len(todo)),
                              "median": float(np.median(broken)) if len(broken) else None,
                              "norm": norm}
-    checks = sanity.run_checks(runner, x[:sanity_examples], y[:sanity_examples],
-                               clean[:sanity_examples],
-                               {n: r[:sanity_examples] for n, r in robust.items()},
-                               {n: a.gradient_free for n, a in attacks.items()},
-                               eps=eps, norm=norm, verbose=verbose)
+    checks = checkpoints("sanity", {
+        "n": int(min(sanity_examples, len(y))), "eps": eps, "norm": norm,
+        "robust": _todo_key(np.concatenate([r[:sanity_examples] for r in robust.values()])
+                            if robust else np.zeros(0))},
+        lambda: {"json_checks": sanity.run_checks(
+            runner, x[:sanity_examples], y[:sanity_examples], clean[:sanity_examples],
+            {n: r[:sanity_examples] for n, r in robust.items()},
+            {n: a.gradient_free for n, a in attacks.items()},
+            eps=eps, norm=norm, verbose=verbose)})["json_checks"]
     verified = None
     if verify and _reliable(checks) is False:
         verified = _verify(runner, x, y, standing, attacks, checks, eps, norm,
-                           batch_size, model, verbose)
+                           batch_size, model, verbose, checkpoints)
     worst = standing
     per_class = {}
     for label in np.unique(y):
@@ -351,7 +418,7 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
 
 
 def _verify(runner, x, y, standing, attacks, checks, eps, norm, batch_size, model,
-            verbose):
+            verbose, checkpoints):
     """The standard attacks the evaluation lacks, each on the points still
     standing (updated in place). Returns the report's "verified" entry."""
     failed = [name for name, c in checks.items()
@@ -370,10 +437,16 @@ def _verify(runner, x, y, standing, attacks, checks, eps, norm, batch_size, mode
     for name, attack in extra.items():
         attack = _batch_targets(attack, model, batch_size)
         todo = np.flatnonzero(standing)
-        t = time.perf_counter()
-        if len(todo):
-            standing[todo] = runner.right(f"verify-{name}", attack.run, x[todo], y[todo])
-        seconds[name] = round(time.perf_counter() - t, 2)
+
+        def run(name=name, attack=attack, todo=todo):
+            t = time.perf_counter()
+            right = (runner.right(f"verify-{name}", attack.run, x[todo], y[todo])
+                     if len(todo) else np.zeros([0], bool))
+            return {"right": right, "seconds": round(time.perf_counter() - t, 2)}
+        done = checkpoints(f"verify-{name}", {"attack": attack.settings, "eps": eps,
+                                              "todo": _todo_key(todo)}, run)
+        standing[todo] = done["right"]
+        seconds[name] = float(done["seconds"])
         accuracy[name] = float(standing.mean())
     return {"failed_checks": failed, "attacks": list(extra),
             "robust_accuracy": accuracy, "attack_seconds": seconds,

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 
 import numpy as np
@@ -208,6 +209,8 @@ def cell_workdir(root, method, seed):
 # evaluation that is (written last: the cell is finished when it matches the
 # study's evaluation).
 CELL = "cell.json"
+# Where a cell's evaluation keeps its finished attacks until its report is written.
+PARTIAL = "evaluation-partial"
 
 
 def _row(method, seed, workdir):
@@ -245,8 +248,11 @@ def run(root, methods, seeds, *, settings, train, evaluate, epochs, evaluation=N
         directory holding other settings raises StudyError.
       train: fn(method, seed, workdir) -> the trained keras.Model, resuming
         from workdir's backup (phase "student", saved as student.keras).
-      evaluate: fn(model) -> an `evaluate.evaluate` report; the same attacks,
-        seed and test images for every cell.
+      evaluate: fn(model, resume_dir) -> an `evaluate.evaluate` report; the
+        same attacks, seed and test images for every cell. `resume_dir` is
+        the cell's directory for the evaluation's finished steps
+        (`evaluate(..., resume_dir=)`), so that a study killed during a long
+        evaluation resumes it; it is removed once the report is written.
       epochs: the epochs a cell trains (for its seconds per epoch).
       evaluation: a JSON-able dict naming what `evaluate` does (attacks, steps,
         examples, seed). A trained cell evaluated otherwise is evaluated again
@@ -287,8 +293,10 @@ def run(root, methods, seeds, *, settings, train, evaluate, epochs, evaluation=N
                 timing = {"seconds": timing["seconds"] + time.perf_counter() - start,
                           "epochs": timing["epochs"] + trained}
                 workdir.write_json(CELL, timing)
-            workdir.write_json("metrics.json", {"student": evaluate(model)})
+            partial = workdir.path(PARTIAL)
+            workdir.write_json("metrics.json", {"student": evaluate(model, partial)})
             workdir.write_json(CELL, dict(timing, evaluation=evaluation))
+            shutil.rmtree(partial, ignore_errors=True)
         row = _row(method, seed, workdir)
         log(f"{where}: clean {row['clean_accuracy']:.4f}, worst case "
             f"{row['worst_case_accuracy']:.4f}")

@@ -314,3 +314,33 @@ def test_plot_leaves_matplotlibs_backend_alone(natural_report, tmp_path):
     finally:
         matplotlib.use(previous)
     assert (tmp_path / "eps.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_killed_evaluation_resumes_after_its_last_finished_step(trained, digits, tmp_path):
+    """With resume_dir, each finished attack and the sanity checks are kept: run
+    again (as after a kill), the kept steps are not computed again, and the
+    report is the same; other weights (or settings) compute them afresh."""
+    ds = digits_ds(digits, 48)
+    fast = evaluate.fast(0.15, steps=5)
+    attacks = {"fgsm": fast["fgsm"], "pgd5": fast["pgd5"]}
+    partial = tmp_path / "partial"
+    first = evaluate.evaluate(trained["student"], ds, 0.15, attacks=attacks, verbose=0,
+                              sanity_examples=24, resume_dir=str(partial))
+    assert sorted(p.name for p in partial.iterdir()) == [
+        "attack-fgsm.npz", "attack-pgd5.npz", "sanity.npz"]
+    (partial / "attack-pgd5.npz").unlink()  # killed during PGD: FGSM had finished
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished step ran again")
+    kept = {"fgsm": evaluate.Attack(must_not_run, attacks["fgsm"].settings),
+            "pgd5": attacks["pgd5"]}
+    again = evaluate.evaluate(trained["student"], ds, 0.15, attacks=kept, verbose=0,
+                              sanity_examples=24, resume_dir=str(partial))
+    for key in ("robust_accuracy", "worst_case_accuracy", "sanity_checks", "per_class",
+                "attacked", "reliable"):
+        assert again[key] == first[key], key
+    assert again["attack_seconds"]["fgsm"] == first["attack_seconds"]["fgsm"]
+    # Another model: nothing kept applies, so FGSM runs (and here raises).
+    with pytest.raises(AssertionError, match="ran again"):
+        evaluate.evaluate(trained["teacher"], ds, 0.15, attacks=kept, verbose=0,
+                          sanity_examples=0, resume_dir=str(partial))

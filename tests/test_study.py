@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 import pathlib
 
 import pytest
@@ -175,8 +176,10 @@ class FakeCells:
             model.write_text(f"{method.name} {seed}")
         return (method.name, seed)
 
-    def evaluate(self, model):
+    def evaluate(self, model, resume_dir):
         self.evaluated.append(model)
+        self.resume_dirs = getattr(self, "resume_dirs", []) + [resume_dir]
+        os.makedirs(resume_dir, exist_ok=True)  # as evaluate() does with its steps
         worst = 0.5 + 0.1 * model[1] + (0.05 if model[0] == "ardir" else 0)
         return {"clean_accuracy": 0.9, "worst_case_accuracy": worst,
                 "robust_accuracy": {"pgd20": worst + 0.01, "apgd_ce": worst},
@@ -194,6 +197,10 @@ def test_the_grid_runs_each_cell_once_and_reevaluates_on_a_new_evaluation(tmp_pa
 
     rows = run({"attacks": ["fast"]})
     assert cells.trained == [("ard", 0), ("ardir", 0), ("ard", 1), ("ardir", 1)]  # seed-major
+    # Each evaluation had its cell's directory for its finished steps, removed
+    # once its report was written.
+    assert cells.resume_dirs[0] == str(tmp_path / "cells" / "ard-seed0" / study.PARTIAL)
+    assert not any(os.path.exists(d) for d in cells.resume_dirs)
     assert [(r["method"], r["seed"], r["worst_case_accuracy"]) for r in rows] == [
         ("ard", 0, 0.5), ("ardir", 0, 0.55), ("ard", 1, 0.6), ("ardir", 1, 0.65)]
     assert list(rows[0]["robust_accuracy"]) == ["pgd20", "apgd_ce"]  # the attacks' order
