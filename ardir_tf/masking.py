@@ -48,12 +48,10 @@ def _model_fn(model):
     return lambda z: attacks_lib._logits(model(z, training=False))
 
 
-def _gradient_stats(model, x, y, norm, batch_size):
-    """Per-example CE input gradients' dual norms and zero shares at x."""
+def _gradient_function(model, norm):
+    """A compiled fn(x, y) -> (dual norm of the CE input gradient, share of
+    zero pixels, CE, logits), per example."""
     model_fn = _model_fn(model)
-    if not len(y):
-        empty = np.zeros([0], np.float32)
-        return empty, empty, empty, np.zeros([0, 0], np.float32)
 
     @tf.function(autograph=False)
     def grads(xb, yb):
@@ -67,7 +65,15 @@ def _gradient_stats(model, x, y, norm, batch_size):
                 else tf.norm(flat, axis=1))
         zero_pixels = tf.reduce_mean(tf.cast(tf.equal(flat, 0.0), tf.float32), 1)
         return dual, zero_pixels, ce, logits
+    return grads
 
+
+def _gradient_stats(grads, x, y, batch_size):
+    """Per-example CE input gradients' dual norms and zero shares at x, with a
+    `_gradient_function`."""
+    if not len(y):
+        empty = np.zeros([0], np.float32)
+        return empty, empty, empty, np.zeros([0, 0], np.float32)
     parts = [grads(tf.constant(x[i:i + batch_size]), tf.constant(y[i:i + batch_size]))
              for i in range(0, len(y), batch_size)]
     dual, zero_pixels, ce, logits = (np.concatenate([p[k].numpy() for p in parts])
@@ -127,8 +133,8 @@ def probe(model, x, y, eps, norm="linf", *, steps=(10, 20, 100), apgd_steps=100,
         seconds["square"] = round(time.perf_counter() - start, 2)
     broken = int(len(left) - standing[left].sum()) if len(left) else 0
 
-    dual, zero_pixels, ce, logits = _gradient_stats(model, x[todo], y[todo], norm,
-                                                    batch_size)
+    grads = _gradient_function(model, norm)  # traced once, for x and for x'
+    dual, zero_pixels, ce, logits = _gradient_stats(grads, x[todo], y[todo], batch_size)
     first = attacks_lib.PGD(eps=eps, step_size=eps / 4, steps=steps[0], norm=norm)
     model_fn = _model_fn(model)
 
@@ -139,7 +145,7 @@ def probe(model, x, y, eps, norm="linf", *, steps=(10, 20, 100), apgd_steps=100,
     x_adv = np.concatenate([craft(tf.constant(x[todo][i:i + batch_size]),
                                   tf.constant(y[todo][i:i + batch_size])).numpy()
                             for i in range(0, len(todo), batch_size)]) if len(todo) else x[:0]
-    dual_adv, zero_adv, _, _ = _gradient_stats(model, x_adv, y[todo], norm, batch_size)
+    dual_adv, zero_adv, _, _ = _gradient_stats(grads, x_adv, y[todo], batch_size)
     top2 = np.sort(logits, axis=1)[:, -2:] if len(todo) else np.zeros([0, 2])
     return {
         "n_examples": int(len(y)), "eps": float(eps), "norm": norm, "seed": int(seed),
@@ -216,6 +222,7 @@ class ProbeCallback(keras.callbacks.Callback):
         self.batch_size, self.seed = batch_size, seed
         self.history = []
         self._attacks = {}
+        self._grads = _gradient_function(model, norm)  # traced once, not every epoch
 
     def _right(self, steps):
         if steps not in self._attacks:
@@ -242,8 +249,8 @@ class ProbeCallback(keras.callbacks.Callback):
             x_adv, right = self._right(k)
             entry[f"pgd{k}"] = float(right.mean())
             if k == self.steps[0]:
-                dual, _, _, _ = _gradient_stats(self.probed, x_adv, self.y,
-                                                self.norm, self.batch_size)
+                dual, _, _, _ = _gradient_stats(self._grads, x_adv, self.y,
+                                                self.batch_size)
                 entry["grad_median"] = float(np.median(dual))
                 entry["zero_gradient_share"] = float(np.mean(dual == 0))
         self.history.append(entry)
