@@ -40,6 +40,7 @@ earlier attack broke (AutoAttack's rule: the same worst case, at less cost);
 
 import dataclasses
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -144,7 +145,7 @@ class _Runner:
         self.seed = int(seed)
         self._compiled = {}
 
-    def _run(self, key, make_attack, *arrays, bar=None):
+    def _run(self, key, make_attack, *arrays, bar=None, parts=None):
         if key not in self._compiled:
             model_fn, seed = self.model_fn, self.seed
             attack = make_attack()
@@ -166,9 +167,15 @@ class _Runner:
             self._compiled[key] = tf.function(fn, autograph=False).get_concrete_function(
                 self.example, tf.TensorSpec([None], tf.int64), *extra)
         fn, out = self._compiled[key], []
-        for i in range(0, len(arrays[1]), self.batch_size):
-            out.append([t.numpy() for t in fn(*(tf.convert_to_tensor(a[i: i + self.batch_size])
-                                                for a in arrays))])
+        for b, i in enumerate(range(0, len(arrays[1]), self.batch_size)):
+            got = parts.get(b) if parts is not None else None
+            if got is None:
+                started = time.perf_counter()
+                got = [t.numpy() for t in fn(*(tf.convert_to_tensor(a[i: i + self.batch_size])
+                                               for a in arrays))]
+                if parts is not None:
+                    parts.put(b, got, time.perf_counter() - started)
+            out.append(got)
             if bar is not None:
                 bar.add(len(out[-1][0]))
         if not out:
@@ -176,11 +183,13 @@ class _Runner:
         right, linf, l2 = (np.concatenate(parts) for parts in zip(*out))
         return right, {"linf": linf, "l2": l2}
 
-    def right(self, name, attack, x, y, bar=None, distances=False):
+    def right(self, name, attack, x, y, bar=None, distances=False, parts=None):
         """Booleans: the model's prediction on attack(model_fn, x, y) equals y
         (attack None: on x itself). `name` keys the compiled function. With
-        `distances`, also {"linf", "l2"}: each example's perturbation norm."""
-        right, norms = self._run(("attack", name), lambda: attack, x, y, bar=bar)
+        `distances`, also {"linf", "l2"}: each example's perturbation norm.
+        `parts` (a `_Parts`): keeps each finished batch, and skips those kept."""
+        right, norms = self._run(("attack", name), lambda: attack, x, y, bar=bar,
+                                 parts=parts)
         return (right, norms) if distances else right
 
     def right_pgd(self, steps, norm, x, y, eps, step_size):
@@ -263,11 +272,21 @@ class _Checkpoints:
             digest.update(np.ascontiguousarray(y).tobytes())
             self.base = {"data_and_weights": digest.hexdigest(), "seed": int(seed)}
 
+    def _key(self, key):
+        return json.dumps({**self.base, **key}, sort_keys=True, default=repr)
+
+    def parts(self, step, key, batch_size):
+        """A `_Parts` keeping step's finished batches (None: keeps nothing)."""
+        if not self.directory:
+            return None
+        return _Parts(self.directory, step, self._key({**key, "batch_size": batch_size}))
+
     def __call__(self, step, key, compute):
-        """compute() -> {name: array or JSON-able value}, or the stored one."""
+        """compute() -> {name: array or JSON-able value}, or the stored one.
+        Once stored, the step's batches kept by `parts` are deleted."""
         if not self.directory:
             return compute()
-        key = json.dumps({**self.base, **key}, sort_keys=True, default=repr)
+        key = self._key(key)
         path = os.path.join(self.directory, f"{step}.npz")
         try:
             with np.load(path, allow_pickle=False) as stored:
@@ -284,7 +303,47 @@ class _Checkpoints:
                     k: (np.array(json.dumps(v)) if k.startswith("json_") else np.asarray(v))
                     for k, v in out.items()})
         atomic_write(path, write)
+        for part in glob.glob(os.path.join(glob.escape(self.directory), f"{step}.batch-*.npz")):
+            os.remove(part)
         return out
+
+
+class _Parts:
+    """The finished batches of one step of an evaluation, each kept as
+    `<step>.batch-<i>.npz` under the step's key: an attack killed halfway
+    resumes at its first unfinished batch. The resumed batches' random draws
+    (random starts, Square's proposals) are fresh ones, as the kept batches'
+    were, so the result is as valid as an uninterrupted run's but not
+    bit-identical to it."""
+
+    def __init__(self, directory, step, key):
+        self.directory, self.step, self.key = directory, step, key
+        self.kept_seconds = 0.0  # what the batches read back took when computed
+
+    def _path(self, i):
+        return os.path.join(self.directory, f"{self.step}.batch-{i}.npz")
+
+    def get(self, i):
+        """Batch i's arrays, or None if not kept under this key."""
+        try:
+            with np.load(self._path(i), allow_pickle=False) as stored:
+                if str(stored["key"]) == self.key:
+                    self.kept_seconds += float(stored["seconds"])
+                    return [stored[f"a{j}"] for j in range(len(stored.files) - 2)]
+        except (OSError, ValueError, KeyError):
+            pass
+        return None
+
+    def put(self, i, arrays, seconds):
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, key=np.array(self.key), seconds=np.array(float(seconds)),
+                         **{f"a{j}": np.asarray(a) for j, a in enumerate(arrays)})
+        atomic_write(self._path(i), write)
+
+
+def _kept_seconds(parts):
+    return parts.kept_seconds if parts is not None else 0.0
 
 
 def _todo_key(todo):
@@ -320,10 +379,11 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
         hold the worst case over both sets, and `verified` says what ran and
         what the evaluation's own attacks alone gave. On a masked model the
         evaluation's number overstates robustness, often several times over.
-      resume_dir: a directory where each finished attack and the sanity checks
-        are kept (`_Checkpoints`), so that the same evaluation, killed and run
-        again, resumes after its last finished step (None: nothing kept).
-        Delete it when the report is saved.
+      resume_dir: a directory where each finished attack, each finished batch
+        of an attack, and the sanity checks are kept (`_Checkpoints`,
+        `_Parts`), so that the same evaluation, killed and run again, resumes
+        at its first unfinished batch (None: nothing kept). Delete it when the
+        report is saved.
       verbose: 1 shows a progress bar per attack.
 
     Returns:
@@ -348,17 +408,19 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
         todo = np.flatnonzero(standing if sequential else clean)
         attacked[name] = int(len(todo))
 
-        def run(name=name, attack=attack, todo=todo):
+        key = {"attack": attack.settings, "eps": eps, "todo": _todo_key(todo)}
+
+        def run(name=name, attack=attack, todo=todo, key=key):
             bar = keras.utils.Progbar(len(todo), unit_name="example") if verbose else None
             if verbose:
                 print(f"  {name}: {len(todo)} examples")
             t = time.perf_counter()
+            parts = checkpoints.parts(f"attack-{name}", key, batch_size)
             right, norms = runner.right(name, attack.run, x[todo], y[todo], bar,
-                                        distances=True)
+                                        distances=True, parts=parts)
             return {"right": right, "linf": norms["linf"], "l2": norms["l2"],
-                    "seconds": round(time.perf_counter() - t, 2)}
-        done = checkpoints(f"attack-{name}", {"attack": attack.settings, "eps": eps,
-                                              "todo": _todo_key(todo)}, run)
+                    "seconds": round(time.perf_counter() - t + _kept_seconds(parts), 2)}
+        done = checkpoints(f"attack-{name}", key, run)
         survived = np.zeros_like(clean)
         survived[todo] = done["right"]
         norms = {"linf": done["linf"], "l2": done["l2"]}
@@ -438,13 +500,16 @@ def _verify(runner, x, y, standing, attacks, checks, eps, norm, batch_size, mode
         attack = _batch_targets(attack, model, batch_size)
         todo = np.flatnonzero(standing)
 
-        def run(name=name, attack=attack, todo=todo):
+        key = {"attack": attack.settings, "eps": eps, "todo": _todo_key(todo)}
+
+        def run(name=name, attack=attack, todo=todo, key=key):
             t = time.perf_counter()
-            right = (runner.right(f"verify-{name}", attack.run, x[todo], y[todo])
+            parts = checkpoints.parts(f"verify-{name}", key, batch_size)
+            right = (runner.right(f"verify-{name}", attack.run, x[todo], y[todo], parts=parts)
                      if len(todo) else np.zeros([0], bool))
-            return {"right": right, "seconds": round(time.perf_counter() - t, 2)}
-        done = checkpoints(f"verify-{name}", {"attack": attack.settings, "eps": eps,
-                                              "todo": _todo_key(todo)}, run)
+            return {"right": right,
+                    "seconds": round(time.perf_counter() - t + _kept_seconds(parts), 2)}
+        done = checkpoints(f"verify-{name}", key, run)
         standing[todo] = done["right"]
         seconds[name] = float(done["seconds"])
         accuracy[name] = float(standing.mean())

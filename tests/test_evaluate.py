@@ -344,3 +344,43 @@ def test_a_killed_evaluation_resumes_after_its_last_finished_step(trained, digit
     with pytest.raises(AssertionError, match="ran again"):
         evaluate.evaluate(trained["teacher"], ds, 0.15, attacks=kept, verbose=0,
                           sanity_examples=0, resume_dir=str(partial))
+
+
+def test_an_attack_killed_halfway_resumes_at_its_first_unfinished_batch(trained, digits,
+                                                                        tmp_path):
+    """Each finished batch of an attack is kept: killed in its second batch and
+    run again, the attack computes only the batches it had not finished, its
+    report equals an uninterrupted run's (FGSM draws nothing at random), and the
+    batch files give way to the attack's file once it finishes."""
+    ds = digits_ds(digits, 48)
+    computed, kill_at = [], [2]
+
+    def fgsm_noting_batches(model_fn, x, y):
+        def note(xb):
+            computed.append(len(xb))
+            if len(computed) == kill_at[0]:
+                raise RuntimeError("killed")
+            return xb
+        seen = tf.numpy_function(note, [x], tf.float32)
+        seen.set_shape(x.shape)
+        return evaluate.attacks_lib.fgsm(model_fn, seen, y, eps=0.15)
+    attacks = {"fgsm": evaluate.Attack(fgsm_noting_batches, {"attack": "fgsm-noting"})}
+    kw = dict(attacks=attacks, verbose=0, sanity_examples=0, batch_size=16)
+    kill_at[0] = None
+    whole = evaluate.evaluate(trained["student"], ds, 0.15, **kw)
+    assert computed == [16, 16, 16]
+
+    partial = tmp_path / "partial"
+    computed.clear()
+    kill_at[0] = 2
+    with pytest.raises(tf.errors.OpError, match="killed"):
+        evaluate.evaluate(trained["student"], ds, 0.15, resume_dir=str(partial), **kw)
+    assert sorted(p.name for p in partial.iterdir()) == ["attack-fgsm.batch-0.npz"]
+
+    computed.clear()
+    kill_at[0] = None
+    again = evaluate.evaluate(trained["student"], ds, 0.15, resume_dir=str(partial), **kw)
+    assert computed == [16, 16]  # batches 1 and 2; batch 0 was read back
+    for key in ("robust_accuracy", "worst_case_accuracy", "per_class", "attacked"):
+        assert again[key] == whole[key], key
+    assert sorted(p.name for p in partial.iterdir()) == ["attack-fgsm.npz", "sanity.npz"]
