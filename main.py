@@ -28,8 +28,8 @@ def default_environment(environ, machine):
       C-level stderr pointed at /dev/null; Python exceptions still surface.
       TF_CPP_MIN_LOG_LEVEL=0 shows everything.
     - TF_ENABLE_ONEDNN_OPTS=1 on x86-64: TF 2.21 turns its oneDNN CPU kernels on
-      by default only on CPUs with AVX512-VNNI or AMX. Measured (README,
-      "Training-step speed"): with them the small digits step is 1.65x faster
+      by default only on CPUs with AVX512-VNNI or AMX. Measured
+      (docs/results/step_speed.md): with them the small digits step is 1.65x faster
       on an AVX512 EPYC, and on an AVX2-only EPYC the ResNet-18 ARDIR step
       1.9x faster (69.6 s -> 36.8 s) and the small step 1.1x. A user's own
       setting (0 included) is kept. The library itself never sets it.

@@ -15,6 +15,8 @@
    server has stopped on SIGTERM, whether TensorFlow was ever in sys.modules.
 4. serve-only, editable: `pip install --no-deps -e .` over it, and `ardir-serve`
    serves again (so `pip install -e .` is exercised too).
+5. The full venv has none of the test-only packages (cleverhans, pytest,
+   tritonclient) until `pip install .[test]`, which must bring them.
 
 The checkout is copied first (its tracked and untracked files, not ignored
 ones), so that the build leaves nothing in it. Prints each step's time; exits 1
@@ -119,6 +121,15 @@ def check_serving(name, venv, export_dir, cwd):
         sys.exit(f"FAILED: {name} ardir-serve imported {imported}")
 
 
+def installed(venv, modules):
+    """Those of `modules` importable in `venv`, in their order."""
+    run = subprocess.run([f"{venv}/bin/python", "-c",
+                          "import importlib.util, sys; print(' '.join(m for m in sys.argv[1:] "
+                          "if importlib.util.find_spec(m)))", *modules],
+                         capture_output=True, text=True, check=True)
+    return run.stdout.split()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", help="work here and keep it (default: a temporary "
@@ -151,6 +162,12 @@ def main():
             if "--max_batch" not in run.stdout or "USAGE" in run.stdout:
                 sys.exit(f"FAILED: {command} --help lists no flags:\n{run.stdout[:2000]}")
 
+        test_only = ["cleverhans", "pytest", "tritonclient"]
+        if installed(full, test_only):
+            sys.exit(f"FAILED: pip install . installed test-only packages: "
+                     f"{installed(full, test_only)}")
+        print("full: no test-only package installed: ok")
+
         serve = os.path.join(work, "venv-serve")
         step("serve-only: python -m venv", [sys.executable, "-m", "venv", serve], work)
         step("serve-only: pip install -r requirements-serve.txt",
@@ -170,6 +187,12 @@ def main():
         step("serve-only: pip install --no-deps -e .",
              [f"{serve}/bin/pip", "install", "-q", "--no-deps", "-e", source], work)
         check_serving("serve-only, editable", serve, export_dir, outside)
+        step("full: pip install .[test]",
+             [f"{full}/bin/pip", "install", "-q", f"{source}[test]"], work)
+        if installed(full, test_only) != test_only:
+            sys.exit(f"FAILED: pip install .[test] left out "
+                     f"{sorted(set(test_only) - set(installed(full, test_only)))}")
+        print("full: the test extra installs cleverhans, pytest and tritonclient: ok")
         print(f"install check passed in {time.perf_counter() - total:.0f} s "
               f"(of which pip install . {install_seconds:.0f} s)")
     finally:

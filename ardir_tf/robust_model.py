@@ -70,7 +70,7 @@ def check_logits_model(model, role):
 #   "both":  each pass in training mode, both update the moving statistics: the
 #            methods' reference PyTorch code. Under a large threat model the two
 #            batches' statistics differ so much that their average is neither
-#            network (README, "Which method?": the MNIST students were found
+#            network (docs/results/mnist.md: the MNIST students were found
 #            masked this way).
 BN_STATISTICS = ("split", "adv", "both")
 

@@ -312,7 +312,7 @@ class OnnxTeacher(Teacher):
         # ONNX Runtime's threads spin after each run, waiting for the next one;
         # inside a training step that time is taken from TensorFlow's own
         # threads (measured on digits: the step 11.5 ms slower with spinning,
-        # README "Bring your own teacher").
+        # docs/results/step_speed.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = onnxruntime.InferenceSession(

@@ -79,6 +79,7 @@ def define_serve_flags():
     model is, how to listen, the server's limits. Imports no TensorFlow."""
     if "port" in FLAGS:
         return
+    # Files and serving.
     flags.DEFINE_string("workdir", None, "Where the run's files go (default with "
                         "main.py: runs/<mode>-<dataset>-<method>; ardir-serve has none).")
     flags.DEFINE_string("export_dir", None, "Where --mode=export writes and --mode=serve "
@@ -263,7 +264,7 @@ def define_flags():
     flags.DEFINE_string("study_variants", None, "--mode=study: a JSON file of named "
                         'variants, {"ardir-half": "ardir@ir_weight=0.5", "ardir-mse": '
                         '{"method": "ardir", "distance": "mse"}}, usable in --study_methods.')
-    # Export and serving.
+    # Export.
     flags.DEFINE_integer("opset", artifacts.DEFAULT_OPSET, "ONNX opset of the export.")
     flags.DEFINE_integer("parity_examples", 256, "Test images (and as many PGD images) "
                          "the export's parity checks run on.")

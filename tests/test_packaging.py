@@ -11,7 +11,9 @@ import flags as cli
 from conftest import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-TEST_ONLY = {"pytest", "pytest-xdist", "tritonclient"}
+# What only the tests and the docs import: the test and docs extras, not `pip install .`.
+TEST_ONLY = {"cleverhans", "h5py", "pytest", "pytest-xdist", "tritonclient"}
+DOCS_ONLY = {"mkdocs-material", "mkdocstrings"}
 
 
 def requirements(name):
@@ -25,11 +27,26 @@ def project_name(requirement):
 
 def test_pyproject_has_requirements_txts_dependencies():
     lines = requirements("requirements.txt")
-    runtime = [r for r in lines if project_name(r) not in TEST_ONLY]
+    runtime = [r for r in lines if project_name(r) not in TEST_ONLY | DOCS_ONLY]
     tests = [r for r in lines if project_name(r) in TEST_ONLY]
+    docs = [r for r in lines if project_name(r) in DOCS_ONLY]
+    extras = PYPROJECT["project"]["optional-dependencies"]
     assert sorted(PYPROJECT["project"]["dependencies"]) == sorted(runtime)
-    assert sorted(PYPROJECT["project"]["optional-dependencies"]["test"]) == sorted(tests)
+    assert sorted(extras["test"]) == sorted(tests)
+    assert sorted(extras["docs"]) == sorted(docs)
     assert {project_name(r) for r in tests} == TEST_ONLY
+    assert {project_name(r) for r in docs} == DOCS_ONLY
+    assert PYPROJECT["project"]["license"] == "Apache-2.0"
+
+
+def test_the_library_and_the_command_line_import_nothing_only_the_tests_have():
+    """`pip install .` leaves out the test extra: no module the package installs
+    may import it."""
+    code = "\n".join((ROOT / p).read_text() for p in ["main.py"] + [
+        str(f.relative_to(ROOT)) for d in ("ardir_tf", "export", "flags")
+        for f in (ROOT / d).glob("*.py")])
+    imported = set(re.findall(r"^\s*(?:from|import) (\w+)", code, re.M))
+    assert not imported & {"cleverhans", "h5py", "pytest", "tritonclient", "mkdocs"}
 
 
 def test_the_serving_requirements_are_requirements_txts_without_tensorflow():

@@ -1,4 +1,5 @@
-"""The README's code runs as written, and its test command is what CI runs."""
+"""The README's code runs as written (and the tutorial shows the same code), and
+its test command is what CI runs."""
 
 import os
 import pathlib
@@ -10,15 +11,22 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+TUTORIAL = (ROOT / "docs" / "tutorial.md").read_text()
+MODEL_FIT = "## From your code: `model.fit`"
 
 
-def python_block(heading):
-    section = README.split(heading, 1)[1]
+def python_block(heading, text=README):
+    section = text.split(heading, 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+def test_the_tutorial_shows_the_readme_snippet_that_runs():
+    """The tutorial's model.fit code is the README's, which the next test runs."""
+    assert python_block("## Use it from your code", TUTORIAL) == python_block(MODEL_FIT)
+
+
 def test_use_it_from_your_code_snippet_runs(tmp_path):
-    code = python_block("## Use it from your code")
+    code = python_block(MODEL_FIT)
     env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
@@ -64,15 +72,15 @@ def test_the_docs_say_what_a_keras_user_must_know():
     that the objective is our reading of the paper's abstract."""
     sys.path.insert(0, str(ROOT))
     import ardir_tf
-    objective = README.split("## The objective", 1)[1].split("\n## ", 1)[0]
-    assert "Only the ARDIR paper's abstract is available to us" in objective
-    assert "our reading of the" in objective and "docs/objective.md" in objective
+    readme = " ".join(README.split())
+    assert "Only the paper's abstract is available to us" in readme
+    assert "student first, the reverse of Keras'" in readme
     docs = " ".join((ROOT / "docs" / "objective.md").read_text().split())
     assert "Only the paper's abstract is available to us" in docs
-    for text in (objective, docs, ardir_tf.ARDIRDistiller.__doc__):
+    assert "our reading of the" in docs and "student first, the reverse of Keras'" in docs
+    for text in (docs, ardir_tf.ARDIRDistiller.__doc__):
         flat = " ".join(text.split())
         assert "student_loss_weight = 1 - alpha" in flat or \
             "`student_loss_weight` (keras-io's `alpha`) is our `1 - alpha`" in flat
     distiller_doc = " ".join(ardir_tf.ARDIRDistiller.__doc__.split())
     assert "(student_layer, teacher_layer), the reverse of Keras'" in distiller_doc
-    assert "student first, the reverse of Keras'" in " ".join(objective.split())

@@ -357,12 +357,14 @@ def test_concurrent_clients_each_get_their_own_answer(served, onnx_path, images)
     assert after["images"] - before["images"] == 4 * len(images)
 
 
-def test_the_readme_clients_work(served, onnx_path, images):
-    """The README's curl lines and its two Python clients, against this server."""
+def test_the_deployment_pages_clients_work(served, onnx_path, images):
+    """The deployment page's curl lines and its two Python clients, against this
+    server."""
     import contextlib
-    from test_readme import README
+    from test_readme import ROOT
     port = served[1]
-    section = README.split("### Clients", 1)[1].split("\n## ", 1)[0]
+    page = (ROOT / "docs" / "deployment.md").read_text()
+    section = page.split("### Clients", 1)[1].split("\n## ", 1)[0]
     npy_client, triton_client = re.findall(r"```python\n(.*?)```", section, re.S)
     namespace = {}
     exec(npy_client, namespace)

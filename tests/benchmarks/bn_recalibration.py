@@ -8,7 +8,7 @@ statistics re-estimated on `--batches` batches of PGD training examples (the
 average of their batch statistics, no weight changed); and re-estimated on clean
 batches. Then probes each with `ardir_tf.masking.probe` on the first `--examples`
 test images. This is the measurement that named the cause of the MNIST students'
-masking (README, "Which method?", MNIST): a student trained with
+masking (docs/results/mnist.md): a student trained with
 `--bn_statistics=both` went from a worst case of 0.098 to 0.678 with adversarial
 statistics. Not a test: it asserts nothing.
 """

@@ -8,7 +8,7 @@ Three commands, two environments (torch is never a dependency of this project):
     # 2. In an environment with torch (and onnx, onnxscript): train a PGD-AT
     #    teacher in PyTorch and export it, NCHW, with its two stages as outputs.
     python tests/benchmarks/pytorch_teacher.py train /tmp/digits.npz /tmp/torch_teacher.onnx
-    # 3. Back here: distil it (the README's "Bring your own teacher").
+    # 3. Back here: distil it (docs/teachers.md).
     python main.py --mode=distill --dataset=npz:/tmp/digits.npz \\
         --teacher=/tmp/torch_teacher.onnx --layers=stage1:block1,stage2:block2
 
