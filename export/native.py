@@ -70,6 +70,9 @@ def _npy(body, max_batch):
         shape, _, dtype = _NPY_HEADERS[version](buffer)
     except (ValueError, OSError, EOFError, SyntaxError) as err:
         raise ClientError(400, f"the body is not a .npy array (np.save): {err}") from None
+    except (RecursionError, MemoryError):  # numpy's header parser on a nested expression
+        raise ClientError(400, "the body is not a .npy array (np.save): its header is "
+                          "not a plain dictionary") from None
     if dtype.hasobject or dtype.kind not in "biufc":
         raise ClientError(400, f"non-numeric values (read as {dtype}); pixels must be "
                           "numbers in [0, 1]")

@@ -23,7 +23,14 @@ from export.validate import ClientError, check_images, loads, refuse_literals
 SIGNATURES = ("serving_default", "serve")
 
 
-def status(model):
+def status(model, failure=None):
+    """GET /v1/models/M: AVAILABLE, or (`failure`: why the model cannot answer) END
+    with error_code UNAVAILABLE, as TF Serving reports a version it can no longer
+    serve."""
+    if failure:
+        return {"model_version_status": [{"version": model.version, "state": "END",
+                                           "status": {"error_code": "UNAVAILABLE",
+                                                      "error_message": failure}}]}
     return {"model_version_status": [{"version": model.version, "state": "AVAILABLE",
                                        "status": {"error_code": "OK", "error_message": ""}}]}
 

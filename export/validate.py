@@ -15,11 +15,13 @@ import numpy as np
 
 
 class ClientError(Exception):
-    """A request the server cannot answer; `status` is the HTTP status (4xx)."""
+    """A request the server cannot answer; `status` is the HTTP status (4xx, or
+    503 when the server sheds load), `headers` any to send with it."""
 
-    def __init__(self, status, message):
+    def __init__(self, status, message, headers=None):
         super().__init__(message)
         self.status = status
+        self.headers = dict(headers or {})
 
 
 def loads(body):

@@ -96,7 +96,16 @@ def define_serve_flags():
     flags.DEFINE_integer("max_batch", 256, "Most images per request, and per batch the "
                          "server merges from concurrent requests (also the max_batch_size "
                          "of the exported Triton config).")
-    flags.DEFINE_float("max_body_mb", 32.0, "Largest request body the server reads, in MiB.")
+    flags.DEFINE_float("max_body_mb", None, "Largest request body the server reads, in "
+                       "MiB (default: what --max_batch images of the model's size take in "
+                       "JSON, the largest encoding: 4.7 MiB for 28x28x1 at 256).")
+    flags.DEFINE_integer("max_in_flight", None, "Inference requests the server admits at "
+                         "once (reading, decoding, waiting for or in the model); more get "
+                         "503 with Retry-After at once (default: 2 x --max_batch).")
+    flags.DEFINE_float("body_timeout_s", 30.0, "Seconds a request's body may take to "
+                       "arrive; a slower one gets 408 and its connection is closed.")
+    flags.DEFINE_integer("max_connections", 512, "Open connections the server keeps; one "
+                         "more gets 503 and is closed.")
     flags.DEFINE_float("batch_delay_ms", 0.0, "How long the server waits for more requests "
                        "before running a batch (0: run at once; requests that arrive "
                        "while the model is busy are still merged).")
@@ -105,7 +114,10 @@ def define_serve_flags():
            "(it names files and URL paths)")
     _check("port", lambda v: 0 <= v <= 65535, "must be in [0, 65535] (0: any free port)")
     _check("max_batch", lambda v: v >= 1, "must be >= 1")
-    _check("max_body_mb", lambda v: v > 0, "must be > 0")
+    _check("max_body_mb", lambda v: v is None or v > 0, "must be > 0")
+    _check("max_in_flight", lambda v: v is None or v >= 1, "must be >= 1")
+    _check("body_timeout_s", lambda v: 0 < v <= 3600, "must be in (0, 3600]")
+    _check("max_connections", lambda v: v >= 1, "must be >= 1")
     _check("batch_delay_ms", lambda v: 0 <= v <= 1000, "must be in [0, 1000]")
     _check("onnx_path", lambda v: v is None or (v.endswith(".onnx") and os.path.isfile(v)),
            "must name an existing .onnx file")
@@ -459,7 +471,8 @@ def settings():
     the export/evaluation reach."""
     skip = {"verbose", "overwrite", "eval_examples", "sanity_examples", "export_dir", "download", "data_dir",
             "attacks", "sequential_attacks", "verify_unreliable", "opset", "parity_examples", "onnx_path", "host",
-            "model_name", "port", "max_batch", "max_body_mb", "batch_delay_ms", "strategy", "num_workers",
+            "model_name", "port", "max_batch", "max_body_mb", "batch_delay_ms", "max_in_flight",
+            "body_timeout_s", "max_connections", "strategy", "num_workers",
             "jit_compile", "check_teacher", "study_methods", "study_seeds",
             "study_reference", "study_variants"}
     if FLAGS.mode == "study":  # a study re-evaluates its cells when these change

@@ -12,7 +12,7 @@ from conftest import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # What only the tests and the docs import: the test and docs extras, not `pip install .`.
-TEST_ONLY = {"cleverhans", "h5py", "pytest", "pytest-xdist", "tritonclient"}
+TEST_ONLY = {"cleverhans", "h5py", "hypothesis", "pytest", "pytest-xdist", "tritonclient"}
 DOCS_ONLY = {"mkdocs-material", "mkdocstrings"}
 
 
@@ -46,7 +46,8 @@ def test_the_library_and_the_command_line_import_nothing_only_the_tests_have():
         str(f.relative_to(ROOT)) for d in ("ardir_tf", "export", "flags")
         for f in (ROOT / d).glob("*.py")])
     imported = set(re.findall(r"^\s*(?:from|import) (\w+)", code, re.M))
-    assert not imported & {"cleverhans", "h5py", "pytest", "tritonclient", "mkdocs"}
+    assert not imported & {"cleverhans", "h5py", "hypothesis", "pytest", "tritonclient",
+                            "mkdocs"}
 
 
 def test_the_serving_requirements_are_requirements_txts_without_tensorflow():
