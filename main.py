@@ -162,14 +162,18 @@ def given_teacher(data, **changes):
     diagnosis)."""
     if FLAGS.teacher.endswith(".keras"):
         if cli.teacher_options() != cli.teacher_options(defaults=True):
-            fail("--teacher_layout, --teacher_input_scale, --teacher_mean and --teacher_std "
-                 "are for a SavedModel or ONNX --teacher; a .keras model takes our [0, 1] "
-                 "NHWC pixels as built")
+            fail("--teacher_layout, --teacher_input_scale, --teacher_mean, --teacher_std "
+                 "and --teacher_outputs are for a SavedModel or ONNX --teacher; a .keras "
+                 "model takes our [0, 1] NHWC pixels as built and must return logits")
         return load_model(FLAGS.teacher, "--teacher")
     from ardir_tf import teachers
     def make():
-        return teachers.load(FLAGS.teacher, teacher_layers(), input_shape=data.input_shape,
-                             **{**cli.teacher_options(), **changes})
+        teacher = teachers.load(FLAGS.teacher, teacher_layers(), input_shape=data.input_shape,
+                                **{**cli.teacher_options(), **changes})
+        if teacher.kind == "saved_model" and not changes:
+            say(f"[teacher] {FLAGS.teacher} is a SavedModel: calling it runs its own graph, "
+                "which can read and write files; load only teacher files you trust")
+        return teacher
     if changes:
         return make()
     try:

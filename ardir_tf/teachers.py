@@ -13,12 +13,10 @@ work unchanged. `load(path, layers)` gives one for
 - a `.keras` file (the named layers are Keras layers, read through
   `models.expose`);
 - a TensorFlow SavedModel directory: a signature (default `serving_default`,
-  else `serve`) with one image input and a dict of outputs holding `logits`
-  (else its only output is the logits); `layers` name further outputs;
+  else `serve`) with one image input; `layers` name further outputs;
 - an `.onnx` file, run by ONNX Runtime inside the training graph
   (`tf.numpy_function`, with the output shapes made static from one probe
-  run): the output named `logits` (else the first output) gives the logits,
-  `layers` name further graph outputs. It works in `fit`, under `tf.function`
+  run); `layers` name further graph outputs. It works in `fit`, under `tf.function`
   and under MirroredStrategy; not under XLA (`jit_compile=True`), which cannot
   call back into Python. ONNX Runtime computes no input gradients, so an ONNX
   teacher cannot be attacked with PGD (`differentiable` is False).
@@ -30,6 +28,17 @@ and raises otherwise; `layout="nchw"` or `"nhwc"` says it. Our pixels are in
 std` (per channel) computed in the graph before it, never a guessed scaling.
 `check(teacher, x, y)` measures the teacher's clean accuracy before any
 training and, near chance level, names the likely cause.
+
+One rule picks the logits of a SavedModel or an ONNX file (`logits_output`):
+the output named `logits`, else the only output; a file with several outputs,
+none named `logits`, is refused with their names. They are logits unless
+`outputs="probabilities"` says they are a softmax's (then their log is used);
+`check` refuses probabilities given as logits.
+
+Trust: loading runs the file. A SavedModel's graph can hold any TensorFlow op,
+file reads and writes included, and runs when the teacher is called; an ONNX
+file can name external data files, which ONNX Runtime reads. Load teacher
+files you would run as code.
 """
 
 import os
@@ -38,6 +47,13 @@ import numpy as np
 import tensorflow as tf
 
 LAYOUTS = ("auto", "nhwc", "nchw")
+# What a file teacher's logits output holds: logits, or softmax probabilities
+# (then the teacher gives their log: logits up to a constant a row, which
+# softmax, and so every KD term, ignores).
+OUTPUTS = ("logits", "probabilities")
+# A teacher whose every row on the check's images lies in [0, 1] and sums to 1
+# within this outputs probabilities, not logits.
+PROBABILITY_ROW_TOLERANCE = 1e-3
 SAVED_MODEL_SIGNATURES = ("serving_default", "serve")
 
 
@@ -100,11 +116,16 @@ class Teacher:
         return {n: tuple(int(d) for d in out[n].shape[1:]) for n in ("logits", *self.layers)
                 if n in out}
 
+    outputs = "logits"  # or "probabilities" (load's `outputs`): the log is taken
+
     def __call__(self, x, training=False):
         """The outputs on pixels `x` [B, H, W, C] (`training` is ignored: a
         teacher always runs in inference mode)."""
         out = self._fn(tf.cast(x, tf.float32))
-        return {n: tf.cast(out[n], tf.float32) for n in ("logits", *self.layers)}
+        out = {n: tf.cast(out[n], tf.float32) for n in ("logits", *self.layers)}
+        if self.outputs == "probabilities":
+            out["logits"] = tf.math.log(tf.maximum(out["logits"], 1e-12))
+        return out
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.description}>"
@@ -270,11 +291,7 @@ class SavedModelTeacher(Teacher):
                                "input_scale=255)")
         self.layout = _layout(layout, list(spec.shape[1:]), tuple(input_shape), path)
         outputs = list(fn.structured_outputs)
-        self.logits_name = "logits" if "logits" in outputs else (
-            outputs[0] if len(outputs) == 1 else None)
-        if self.logits_name is None:
-            raise TeacherError(f"{path}: signature {self.signature!r} has outputs "
-                               f"{', '.join(outputs)}, none named 'logits'")
+        self.logits_name = logits_output(outputs, f"{path}: signature {self.signature!r}")
         missing = [n for n in layers if n not in outputs]
         if missing:
             raise TeacherError(f"{path}: signature {self.signature!r} has no output "
@@ -289,6 +306,19 @@ class SavedModelTeacher(Teacher):
             res.update({n: _to_nhwc(out[n], self.layout) for n in layers})
             return res
         super().__init__(run, input_shape, layers, path, available=outputs)
+
+
+def logits_output(outputs, where):
+    """The one rule for a file teacher's logits: the output named `logits`, else
+    the only output. TeacherError (naming them) for several, none `logits`."""
+    if "logits" in outputs:
+        return "logits"
+    if len(outputs) == 1:
+        return outputs[0]
+    raise TeacherError(f"{where} has outputs {', '.join(outputs)}, none named 'logits'; "
+                       "name the logits output 'logits' (torch.onnx.export(..., "
+                       "output_names=['logits', ...]); a SavedModel signature returning "
+                       "{'logits': ...})")
 
 
 def onnx_providers():
@@ -336,7 +366,7 @@ class OnnxTeacher(Teacher):
                                "(..., dynamic_axes={'input': {0: 'batch'}}))")
         self.layout = _layout(layout, list(inputs[0].shape[1:]), tuple(input_shape), path)
         outputs = [o.name for o in self.session.get_outputs()]
-        self.logits_name = "logits" if "logits" in outputs else outputs[0]
+        self.logits_name = logits_output(outputs, f"{path}: the ONNX graph")
         missing = [n for n in layers if n not in outputs]
         if missing:
             raise TeacherError(f"{path}: the ONNX graph has no output "
@@ -378,7 +408,7 @@ def is_saved_model(path):
 
 
 def load(path, layers=(), *, input_shape=None, layout="auto", input_scale=1.0, mean=None,
-         std=None, signature=None, providers=None):
+         std=None, signature=None, providers=None, outputs="logits"):
     """A frozen teacher from a file (see the module doc).
 
     Args:
@@ -394,6 +424,9 @@ def load(path, layers=(), *, input_shape=None, layout="auto", input_scale=1.0, m
       signature: the SavedModel signature (default serving_default, else serve).
       providers: ONNX Runtime execution providers (default: CUDA if available,
         then CPU).
+      outputs: what the SavedModel's or ONNX graph's logits output holds:
+        "logits", or "probabilities" (a softmax; the teacher then gives their
+        log). `check` refuses a teacher whose "logits" are probabilities.
 
     Raises:
       TeacherError: a missing or unreadable file, a model that does not take
@@ -405,13 +438,15 @@ def load(path, layers=(), *, input_shape=None, layout="auto", input_scale=1.0, m
     path = os.fspath(path)
     if not os.path.exists(path):
         raise TeacherError(f"{path}: no such file or directory")
+    if outputs not in OUTPUTS:
+        raise TeacherError(f"outputs={outputs!r}: expected one of {', '.join(OUTPUTS)}")
     if path.endswith(".keras") and os.path.isfile(path):
         import keras
         if input_scale != 1 or mean is not None or std is not None or \
-                layout not in ("auto", "nhwc"):
-            raise TeacherError(f"{path}: a Keras model takes our [0, 1] NHWC pixels as built; "
-                               "input_scale, mean, std and layout are for SavedModel and "
-                               "ONNX teachers")
+                layout not in ("auto", "nhwc") or outputs != "logits":
+            raise TeacherError(f"{path}: a Keras model takes our [0, 1] NHWC pixels as built "
+                               "and must return logits; input_scale, mean, std, layout and "
+                               "outputs are for SavedModel and ONNX teachers")
         try:
             model = keras.models.load_model(path)
         except Exception as err:  # Keras raises many kinds for a bad file
@@ -433,6 +468,9 @@ def load(path, layers=(), *, input_shape=None, layout="auto", input_scale=1.0, m
     if input_shape is not None and teacher.input_shape != tuple(input_shape):
         raise TeacherError(f"{path}: the teacher takes {_dims(teacher.input_shape)} images, "
                            f"the data are {_dims(input_shape)}")
+    if outputs == "probabilities":
+        teacher.outputs = outputs
+        teacher.description += ", outputs probabilities (their log is used as logits)"
     return teacher
 
 
@@ -473,8 +511,19 @@ def accuracy(teacher, x, y, batch_size=256):
     return float(np.mean(preds == np.asarray(y).reshape(-1))), preds
 
 
+def outputs_probabilities(teacher, x):
+    """Whether `teacher`'s logits on `x` look like softmax probabilities: every
+    row in [0, 1], summing to 1 within PROBABILITY_ROW_TOLERANCE."""
+    out = teacher(tf.convert_to_tensor(np.asarray(x, np.float32)), training=False)
+    logits = np.asarray(out["logits"] if isinstance(out, dict) else out, np.float64)
+    return bool(len(logits)) and bool(
+        np.all(logits >= 0) and np.all(logits <= 1) and
+        np.all(np.abs(logits.sum(axis=-1) - 1) <= PROBABILITY_ROW_TOLERANCE))
+
+
 def check(teacher, x, y, num_classes, retry=None, margin=0.1):
-    """The pre-training check of a teacher's clean accuracy on (x, y).
+    """The pre-training check of a teacher's clean accuracy on (x, y), after
+    refusing one whose logits are probabilities (`outputs_probabilities`).
 
     Returns {"clean_accuracy", "n_examples", "chance"}. Raises TeacherError when
     the accuracy is near chance: below chance + margin x (1 - chance) (0.19 for
@@ -483,6 +532,14 @@ def check(teacher, x, y, num_classes, retry=None, margin=0.1):
     input_scale or layout, and the message names a change that scores well;
     predictions that are right up to a fixed relabelling point at the class
     order."""
+    if getattr(teacher, "outputs", "logits") == "logits" and \
+            outputs_probabilities(teacher, x[:256]):
+        raise TeacherError(
+            "the teacher's 'logits' are probabilities: on every test image they lie in "
+            "[0, 1] and sum to 1 (a softmax ends the model), so the distillation targets "
+            "would be softmax(probabilities), nearly uniform; give a model that returns "
+            "logits, or say outputs='probabilities' (--teacher_outputs=probabilities, for "
+            "SavedModel and ONNX teachers) to use their log")
     acc, preds = accuracy(teacher, x, y)
     chance = 1.0 / num_classes
     report = {"clean_accuracy": acc, "n_examples": int(len(y)), "chance": chance}

@@ -182,6 +182,10 @@ def define_flags():
                        "[0, 1], so 255 for a model trained on 0-255 images.")
     flags.DEFINE_list("teacher_mean", None, "Per-channel mean the --teacher subtracts after "
                       "--teacher_input_scale (one value, or one per channel). None: 0.")
+    flags.DEFINE_enum("teacher_outputs", "logits", list(teachers.OUTPUTS), "What a "
+                      "SavedModel or ONNX --teacher's logits output holds: logits, or "
+                      "probabilities (a softmax ends the model; their log is used). A "
+                      "teacher that outputs probabilities is refused unless this says so.")
     flags.DEFINE_list("teacher_std", None, "Per-channel std the --teacher divides by (one "
                       "value, or one per channel). None: 1.")
     flags.DEFINE_enum("teacher_arch", "small_cnn", archs, "Architecture of a teacher to train.")
@@ -457,7 +461,8 @@ def teacher_options(defaults=False):
     def floats(values):
         return None if values is None else [float(v) for v in values]
     return dict(layout=value("teacher_layout"), input_scale=value("teacher_input_scale"),
-                mean=floats(value("teacher_mean")), std=floats(value("teacher_std")))
+                mean=floats(value("teacher_mean")), std=floats(value("teacher_std")),
+                outputs=value("teacher_outputs"))
 
 
 def layer_pairs():
@@ -485,4 +490,5 @@ def settings():
 # Recorded in flags.json only when set away from their default, so that a run
 # written before they existed still resumes (its flags.json lacks them).
 ONLY_WHEN_SET = ("teacher_layout", "teacher_input_scale", "teacher_mean", "teacher_std",
+                 "teacher_outputs",
                  "ir_teacher_input", "ir_student_input", "kd_teacher_input")

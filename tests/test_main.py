@@ -416,6 +416,8 @@ def bad_runs(tmp_path_factory, digits_run):
     untrained.save(chance_keras)
     chance_saved_model = saved_model_teacher(untrained, root / "untrained_saved_model",
                                              ["stage2"])
+    softmax_saved_model = saved_model_teacher(digits_teacher, root / "softmax_saved_model",
+                                              ["stage2"], softmax=True)
     onnx = {"mnist": onnx_teacher(mnist_model, root / "mnist.onnx"),
             "five": onnx_teacher(digits_teacher, root / "five.onnx", classes=5),
             "stage2": onnx_teacher(digits_teacher, root / "stage2.onnx", ["stage2"]),
@@ -442,6 +444,8 @@ def bad_runs(tmp_path_factory, digits_run):
                                   "near chance (0.100); check the layout"),
                  saved_model_at_chance=([f"--teacher={chance_saved_model}"],
                                         "near chance (0.100)"),
+                 saved_model_probabilities=([f"--teacher={softmax_saved_model}"],
+                                            "--teacher_outputs=probabilities"),
                  keras_scaling=([f"--teacher={DIGITS_RUN / 'teacher.keras'}",
                                  "--teacher_input_scale=255"],
                                 "are for a SavedModel or ONNX --teacher"),
@@ -471,6 +475,12 @@ def bad_runs(tmp_path_factory, digits_run):
             for name in cases}
 
 
+def test_loading_a_saved_model_teacher_says_it_runs_the_files_graph(bad_runs):
+    proc, _ = bad_runs["saved_model_at_chance"]
+    assert "is a SavedModel: calling it runs its own graph" in proc.stdout
+    assert "runs its own graph" not in bad_runs["onnx_scaling"][0].stdout
+
+
 def test_the_harness_sees_what_a_fresh_process_sees(bad_runs):
     """One case both ways: the harness and `python main.py` agree."""
     args, _ = BAD["alpha"]
@@ -482,7 +492,8 @@ def test_the_harness_sees_what_a_fresh_process_sees(bad_runs):
 
 TEACHER_FILES = ["onnx_missing", "onnx_corrupt", "onnx_shape", "onnx_classes", "onnx_layers",
                  "onnx_scaling", "onnx_scale_flag", "onnx_std_flag", "keras_at_chance",
-                 "saved_model_at_chance", "keras_scaling", "onnx_jit"]
+                 "saved_model_at_chance", "saved_model_probabilities", "keras_scaling",
+                 "onnx_jit"]
 
 
 @pytest.mark.parametrize("case", [*BAD, "npz_keys", "teacher_corrupt", "teacher_shape",

@@ -185,6 +185,56 @@ def test_the_check_names_the_likely_cause_of_a_teacher_at_chance(trained, digits
         "clean_accuracy"] > 0.9
 
 
+@pytest.mark.parametrize("kind", ["onnx", "saved_model"])
+def test_a_teacher_that_outputs_probabilities_is_refused_or_converted(trained, digits,
+                                                                     tmp_path, kind):
+    """A file whose one output ends in a softmax passes the accuracy check (its
+    argmax is the model's) but would train on near-uniform targets: the check
+    refuses it, naming --teacher_outputs; with outputs='probabilities' its logits
+    are log-probabilities, the model's log-softmax."""
+    _, (x, y) = digits
+    x, y = x[:300], y[:300]
+    make = onnx_teacher if kind == "onnx" else saved_model_teacher
+    path = make(trained["teacher"], tmp_path / f"softmax.{kind}", softmax=True)
+    with pytest.raises(teachers.TeacherError, match=r"'logits' are probabilities.*"
+                                                    r"--teacher_outputs=probabilities"):
+        teachers.check(teachers.load(path, input_shape=(8, 8, 1)), x, y, 10)
+    converted = teachers.load(path, input_shape=(8, 8, 1), outputs="probabilities")
+    assert "outputs probabilities" in converted.description
+    assert teachers.check(converted, x, y, 10)["clean_accuracy"] > 0.9
+    want = tf.nn.log_softmax(trained["teacher"](x[:64], training=False))
+    np.testing.assert_allclose(converted(x[:64])["logits"], want, atol=1e-4)
+    keras_path = str(tmp_path / "teacher.keras")
+    trained["teacher"].save(keras_path)
+    with pytest.raises(teachers.TeacherError, match="outputs are for SavedModel and ONNX"):
+        teachers.load(keras_path, outputs="probabilities")
+
+
+def test_an_onnx_teacher_cannot_read_files_outside_its_directory(tmp_path):
+    """An ONNX file may name external data; one naming a path outside its own
+    directory is refused (ONNX Runtime >= 1.24.1, which requirements.txt asks for)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    (tmp_path / "secret.bin").write_bytes(np.arange(16, dtype=np.float32).tobytes())
+    weights = numpy_helper.from_array(np.ones((64, 10), np.float32), "W")
+    weights.ClearField("raw_data")
+    weights.data_location = TensorProto.EXTERNAL
+    for key, value in {"location": "../secret.bin", "offset": "0", "length": "64"}.items():
+        entry = weights.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["images"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "W"], ["logits"])], "g",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 8, 8, 1])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], [weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    (tmp_path / "model").mkdir()
+    onnx.save(model, str(tmp_path / "model" / "teacher.onnx"))
+    with pytest.raises(teachers.TeacherError, match="escapes model directory|outside"):
+        teachers.load(str(tmp_path / "model" / "teacher.onnx"), input_shape=(8, 8, 1))
+
+
 def test_a_callable_teacher_and_an_onnx_teachers_refusals(files):
     model = files["model"]
     view = ardir_tf.models.expose(model, ["stage2"])
@@ -210,3 +260,12 @@ def test_a_callable_teacher_and_an_onnx_teachers_refusals(files):
     # ONNX Runtime gives no gradients: a teacher that PGD cannot attack says so.
     assert not onnx.differentiable and teachers.load(files["saved_model"], input_shape=(
         8, 8, 1)).differentiable
+
+
+def test_one_rule_picks_a_file_teachers_logits():
+    """SavedModel and ONNX alike: `logits`, else the only output, else refused."""
+    assert teachers.logits_output(["stage2", "logits"], "f") == "logits"
+    assert teachers.logits_output(["output_0"], "f") == "output_0"
+    with pytest.raises(teachers.TeacherError, match="has outputs out, stage2, none named "
+                                                    "'logits'; name the logits output"):
+        teachers.logits_output(["out", "stage2"], "f")
