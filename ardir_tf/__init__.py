@@ -16,6 +16,7 @@ Where each concept lives:
     evaluate     robustness reports: attack presets, worst case, per class
     sanity       the checks every evaluation runs on itself
     masking      a direct probe of gradient masking, after training or during it
+    deployed     the robustness of a deployed (INT8, float16) file, measured on it
     report       the report as a table and an accuracy-vs-eps plot
     study        a method study's report: means over seeds, paired intervals
     training     optimisers and schedules; resumable training phases

@@ -1,0 +1,118 @@
+"""Small deployed artifacts (export.quantize) and their robustness measured on the
+artifact itself (ardir_tf.deployed), on the committed digits run's student."""
+
+import os
+
+import numpy as np
+import onnxruntime
+import pytest
+import tensorflow as tf
+
+from ardir_tf import deployed, teachers
+from export import artifacts, quantize
+
+
+@pytest.fixture(scope="module")
+def files(trained, digits, tmp_path_factory):
+    """The student as float32, INT8 and float16 ONNX files."""
+    (x_train, _), _ = digits
+    root = tmp_path_factory.mktemp("deployed")
+    float_path = str(root / "student.onnx")
+    serving = artifacts.serving_model(trained["student"])
+    serving(x_train[:1])  # Keras exports only a model that has been called
+    serving.export(float_path, format="onnx", verbose=False)
+    return {"float32": float_path,
+            "int8": quantize.int8_onnx(float_path, str(root / "student.int8.onnx"),
+                                       x_train[:256]),
+            "float16": quantize.float16_onnx(float_path, str(root / "student.float16.onnx"))}
+
+
+def run(path, x):
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session.run(["logits", "probabilities"], {"images": x})
+
+
+def test_the_small_files_keep_the_interface_and_the_accuracy(files, digits):
+    """Same input and outputs as the float32 export (so the server serves them);
+    INT8 is QDQ-quantized and smaller; clean accuracy within a point of float32."""
+    _, (x, y) = digits
+    import onnx
+    ops = [n.op_type for n in onnx.load(files["int8"]).graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    assert os.path.getsize(files["int8"]) < 0.6 * os.path.getsize(files["float32"])
+    accuracy = {}
+    for name, path in files.items():
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        assert [(i.name, i.type) for i in session.get_inputs()] == [("images", "tensor(float)")]
+        assert [(o.name, o.type) for o in session.get_outputs()] == [
+            ("logits", "tensor(float)"), ("probabilities", "tensor(float)")]
+        logits, probabilities = run(path, x)
+        accuracy[name] = float((probabilities.argmax(1) == y).mean())
+    assert abs(accuracy["int8"] - accuracy["float32"]) <= 0.01, accuracy
+    assert accuracy["float16"] == accuracy["float32"], accuracy
+    # float16 arithmetic: logits within its rounding of float32's (3 decimal digits).
+    np.testing.assert_allclose(run(files["float16"], x)[0], run(files["float32"], x)[0],
+                               atol=0.05, rtol=0.01)
+
+
+def test_bpda_finds_at_least_what_transfer_finds_on_the_int8_file(files, trained, digits):
+    """Through BPDA (the file forward, the float student backward) the gradient
+    attacks leave no more points standing than the float student's points
+    transferred; Square on the file alone leaves more than BPDA (the rounded
+    logits stall it); the worst case is the minimum over the three."""
+    _, (x, y) = digits
+    data = tf.data.Dataset.from_tensor_slices((x[:120], y[:120])).batch(64)
+    artifact = teachers.load(files["int8"], input_shape=(8, 8, 1))
+    report = deployed.evaluate_artifact(artifact, trained["student"], data, 0.15,
+                                        apgd_steps=50, square_queries=300)
+    worst = report["worst_case"]
+    assert report["clean_accuracy"] > 0.9 and report["n_examples"] == 120
+    assert worst["bpda"] <= worst["transfer"], report
+    assert report["worst_case_accuracy"] == min(worst.values()) or \
+        report["worst_case_accuracy"] < min(worst.values())
+    assert report["worst_case_accuracy"] <= worst["bpda"] < report["clean_accuracy"]
+
+
+def test_bpda_runs_the_artifact_forward_and_the_surrogate_backward(trained, digits):
+    """The BPDA model's values are the artifact's; its gradient the surrogate's."""
+    _, (x, _) = digits
+    x = tf.constant(x[:4])
+    student = trained["student"]
+
+    def artifact(z, training=False):  # a 'deployed' model: rounded logits, no gradient
+        return tf.stop_gradient(tf.round(student(z, training=False) * 4) / 4)
+    model = deployed.bpda(artifact, student)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        through, direct = model(x), student(x, training=False)
+        loss_through, loss_direct = tf.reduce_sum(through[:, 3]), tf.reduce_sum(direct[:, 3])
+    np.testing.assert_allclose(through, artifact(x), atol=1e-6)
+    np.testing.assert_allclose(tape.gradient(loss_through, x), tape.gradient(loss_direct, x),
+                               atol=1e-6)
+
+
+def test_a_graph_int8_cannot_reach_is_refused_in_one_line(tmp_path):
+    """No Conv, MatMul or Gemm to quantize: refused, not written."""
+    import onnx
+    from onnx import TensorProto, helper
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 64])
+    starts = helper.make_tensor("starts", TensorProto.INT64, [1], [0])
+    ends = helper.make_tensor("ends", TensorProto.INT64, [1], [10])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["images", "shape"], ["flat"]),
+         helper.make_node("Slice", ["flat", "starts", "ends", "axes"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)], "g",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 8, 8, 1])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])],
+        [shape, starts, ends, axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "plain.onnx"))
+    out = tmp_path / "plain.int8.onnx"
+    with pytest.raises(quantize.QuantizationError, match="reached none of Conv, MatMul, "
+                                                         "Gemm") as err:
+        quantize.int8_onnx(str(tmp_path / "plain.onnx"), str(out),
+                           np.zeros((4, 8, 8, 1), np.float32))
+    assert "\n" not in str(err.value) and not out.exists()
