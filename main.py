@@ -559,14 +559,27 @@ def export(workdir, data):
             "card holds no accuracy; run --mode=evaluate first")
     x, y = evaluate.collect(data.test, FLAGS.parity_examples)
     target = FLAGS.export_dir or workdir.path("export")
+    calibration, robustness = None, None
+    if FLAGS.quantize:
+        from ardir_tf import deployed, teachers
+        calibration = evaluate.collect(data.train, FLAGS.calibration_examples)[0]
+
+        def robustness(path):  # on the parity images, measured on the file
+            return deployed.evaluate_artifact(
+                teachers.load(path, input_shape=data.input_shape), student, [(x, y)],
+                FLAGS.eps, FLAGS.norm, square_queries=1000, seed=FLAGS.seed)
     try:
         card = artifacts.export(student, target, x, y, attack=attack(FLAGS.eval_steps),
                                 card=card, opset=FLAGS.opset,
                                 name=FLAGS.model_name or "student", max_batch=FLAGS.max_batch,
-                                log=lambda message: say(f"[export] {message}"))
+                                log=lambda message: say(f"[export] {message}"),
+                                quantize=tuple(FLAGS.quantize), calibration=calibration,
+                                robustness=robustness)
     except artifacts.ExportError as err:
         fail(f"export to {target} failed: {err}")
     say("\n" + parity.format_table(card["parity"]))
+    if card.get("artifacts"):
+        say("\n" + artifacts.format_artifacts(card["artifacts"]))
     tops = sorted({name.split("/")[0] + ("/" if "/" in name else "") for name in card["files"]})
     say(f"\n[export] wrote {target}: {', '.join(tops)} and {artifacts.CARD}")
     commands = repositories.docker_commands(os.path.abspath(target), card["name"])

@@ -53,6 +53,10 @@ from aiohttp import http_exceptions, web, web_protocol
 from export import metrics, native, open_inference, tf_serving
 from export.validate import ClientError
 
+# Bodies below this decode on the event loop (well under a millisecond); larger
+# ones in the parser threads.
+INLINE_PARSE_BYTES = 64 * 1024
+
 # Bytes of request body per pixel value in the largest encoding the protocols
 # accept: JSON text (a float32 written out takes up to ~24 characters with its
 # separator; binary encodings take 4), plus room for the envelope.
@@ -151,8 +155,8 @@ class Model:
 # trained for and measured; not the run's flags, the serving lines or the file
 # list, which hold local paths.
 PUBLIC_CARD_KEYS = ("format_version", "name", "input", "outputs", "class_names", "dataset",
-                    "trained_for", "evaluations", "onnx", "dtype", "parity", "versions",
-                    "exported_at", "note")
+                    "trained_for", "evaluations", "onnx", "dtype", "parity", "artifacts",
+                    "versions", "exported_at", "note")
 
 
 def _no_paths(value):
@@ -185,7 +189,9 @@ def check_card(card, card_path, onnx_path):
                          "model_card.json --mode=export writes")
     file = os.path.basename(onnx_path)
     named = (card.get("onnx") or {}).get("file") if isinstance(card.get("onnx"), dict) else None
-    if named != file:
+    small = card.get("artifacts") if isinstance(card.get("artifacts"), dict) else {}
+    files = {named} | {a.get("file") for a in small.values() if isinstance(a, dict)}
+    if file not in files:
         raise ValueError(f"{where} describes {named!r}, not {file!r}: it is another model's "
                          "card; serve that model's own export directory")
     want = ((card.get("files") or {}).get(file) or {}).get("sha256") \
@@ -405,11 +411,15 @@ def make_app(model, limits=Limits()):
         finally:
             in_flight[0] -= 1
 
-    async def parse(fn, *args):
-        """fn(*args) in a parser thread: decoding a large JSON body takes long enough
-        to stall every other connection if it ran on the event loop."""
+    async def parse(fn, body, *args):
+        """fn(body, *args), in a parser thread when the body is large: decoding a
+        large JSON body takes long enough to stall every other connection if it
+        ran on the event loop, while a small one decodes faster than the hop to a
+        thread and back."""
+        if len(body) < INLINE_PARSE_BYTES:
+            return fn(body, *args)
         return await asyncio.get_running_loop().run_in_executor(
-            parsers, functools.partial(fn, *args))
+            parsers, functools.partial(fn, body, *args))
 
     def the_model(request):
         """404 unless the path names the served model (and version 1)."""

@@ -284,6 +284,12 @@ def define_flags():
     flags.DEFINE_integer("opset", artifacts.DEFAULT_OPSET, "ONNX opset of the export.")
     flags.DEFINE_integer("parity_examples", 256, "Test images (and as many PGD images) "
                          "the export's parity checks run on.")
+    flags.DEFINE_list("quantize", [], "Smaller ONNX files --mode=export also writes, each "
+                      "with its robustness measured on the file (BPDA, Square, transfer) "
+                      "on the parity images: int8 (<name>.int8.onnx, static QDQ), float16, "
+                      "or both: int8,float16.")
+    flags.DEFINE_integer("calibration_examples", 512, "Training images an INT8 file's "
+                         "activation ranges are calibrated on.")
 
     _check("eps", lambda v: v >= 0, "must be >= 0 (the radius of the threat ball)")
     _check("step_size", lambda v: v is None or v > 0, "must be > 0")
@@ -302,6 +308,9 @@ def define_flags():
            f"must be from {artifacts.MIN_OPSET} to {artifacts.max_opset()} (the opsets the "
            "installed tf2onnx writes)")
     _check("parity_examples", lambda v: v >= 1, "must be >= 1")
+    _check("quantize", lambda v: set(v) <= {"int8", "float16"},
+           "must be int8, float16 or both, comma-separated")
+    _check("calibration_examples", lambda v: v >= 1, "must be >= 1")
     _check("num_workers", lambda v: v >= 0, "must be >= 0")
     flags.register_multi_flags_validator(
         ["strategy", "num_workers"], lambda f: not f["num_workers"] or
@@ -475,7 +484,8 @@ def settings():
     run is displayed, whether it may overwrite, where prepared data lives, and
     the export/evaluation reach."""
     skip = {"verbose", "overwrite", "eval_examples", "sanity_examples", "export_dir", "download", "data_dir",
-            "attacks", "sequential_attacks", "verify_unreliable", "opset", "parity_examples", "onnx_path", "host",
+            "attacks", "sequential_attacks", "verify_unreliable", "opset", "parity_examples",
+            "quantize", "calibration_examples", "onnx_path", "host",
             "model_name", "port", "max_batch", "max_body_mb", "batch_delay_ms", "max_in_flight",
             "body_timeout_s", "max_connections", "strategy", "num_workers",
             "jit_compile", "check_teacher", "study_methods", "study_seeds",

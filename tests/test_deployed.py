@@ -116,3 +116,39 @@ def test_a_graph_int8_cannot_reach_is_refused_in_one_line(tmp_path):
         quantize.int8_onnx(str(tmp_path / "plain.onnx"), str(out),
                            np.zeros((4, 8, 8, 1), np.float32))
     assert "\n" not in str(err.value) and not out.exists()
+
+
+def test_the_export_writes_the_small_files_measures_them_and_serves_them(trained, digits,
+                                                                         tmp_path):
+    """export(quantize=...): the files beside <name>.onnx, each with its size,
+    latencies, clean accuracy and worst case measured on the file in the card,
+    one flagged when its worst case falls more than the margin below float32's;
+    the server serves the INT8 file under the same card."""
+    from export import server
+    (x_train, _), (x, y) = digits
+    x, y = x[:48], y[:48]
+    worst = {"student.onnx": 0.70, "student.int8.onnx": 0.69, "student.float16.onnx": 0.60}
+
+    def robustness(path):  # the measurement itself is tested above; here its plumbing
+        return {"worst_case_accuracy": worst[os.path.basename(path)]}
+    logged = []
+    card = artifacts.export(trained["student"], tmp_path / "export", x, y,
+                            attack=trained["attack"], batch_sizes=(48,),
+                            quantize=("int8", "float16"), calibration=x_train[:128],
+                            robustness=robustness, log=logged.append)
+    small = card["artifacts"]
+    assert set(small) == {"float32", "int8", "float16"}
+    for kind, entry in small.items():
+        path = tmp_path / "export" / entry["file"]
+        assert entry["bytes"] == os.path.getsize(path) == card["files"][entry["file"]]["bytes"]
+        assert set(entry["latency_ms"]) == {"1", "64"} and entry["clean_accuracy"] > 0.9
+    assert small["int8"]["bytes"] < small["float32"]["bytes"]
+    assert (small["int8"]["flagged"], small["float16"]["flagged"]) == (False, True)
+    assert abs(small["float16"]["worst_case_diff"] + 0.10) < 1e-9
+    assert any("student.float16.onnx's worst case is 0.100 below float32's" in m
+               for m in logged)
+    assert "FLAGGED" in artifacts.format_artifacts(small)
+    model = server.load(str(tmp_path / "export" / "student.int8.onnx"))
+    labels = model(x[:8])[1].argmax(1)
+    assert (labels == run(str(tmp_path / "export" / "student.int8.onnx"), x[:8])[1].argmax(1)).all()
+    assert model.public_card["artifacts"]["int8"]["file"] == "student.int8.onnx"

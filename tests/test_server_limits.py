@@ -142,7 +142,7 @@ def test_slow_bodies_are_cut_off_while_health_and_good_requests_go_on(onnx_path)
     passes, and the server's memory grows by less than 64 MiB (200 bodies of at
     most this model's body limit are 15 MiB)."""
     proc, port = serve(onnx_path, "--body_timeout_s=1.5", "--max_in_flight=256",
-                       "--max_connections=300")
+                       "--max_connections=2000")
     try:
         rng = np.random.default_rng(0)
         images = rng.random((MAX_BATCH, *SHAPE), np.float32)
@@ -185,7 +185,8 @@ def test_slow_bodies_are_cut_off_while_health_and_good_requests_go_on(onnx_path)
         assert len(latencies) >= 20 and {s for _, s in latencies} == {200}
         assert max(t for t, _ in latencies) < 0.1, sorted(t for t, _ in latencies)[-5:]
         assert len(answers) >= 16
-        assert all(status == 200 and a["labels"] == want for status, a in answers)
+        wrong = [(status, a) for status, a in answers if status != 200 or a["labels"] != want]
+        assert not wrong, wrong[:3]
         assert peak[0] - before < 64 * 2**20, (before, peak[0])
         status, _, text = call(port, "GET", "/metrics")
         assert 'ardir_shed_requests_total{reason="body_timeout"} 200.0' in text.decode()
