@@ -22,7 +22,6 @@ the worst case over them: a point counts as robust only if every one failed.
 import numpy as np
 import tensorflow as tf
 
-from ardir_tf import attacks as attacks_lib
 from ardir_tf import evaluate as evaluate_lib
 
 
@@ -41,28 +40,15 @@ def bpda(forward, surrogate):
     return model
 
 
-def _forward_only(forward):
-    def model(x, training=False):
-        return tf.cast(_logits(forward(x, training=False)), tf.float32)
-    return model
+def _transferred(attack, surrogate):
+    """`attack` crafted on `surrogate`, whatever model it is handed."""
+    def run(model_fn, x, y, **kwargs):
+        return attack.run(lambda z: surrogate(z, training=False), x, y, **kwargs)
+    return evaluate_lib.Attack(run, {**attack.settings, "crafted_on": "surrogate"})
 
 
-def _predict(model, x, batch_size):
-    fn = tf.function(lambda z: tf.argmax(_logits(model(z, training=False)), -1),
-                     autograph=False)
-    return np.concatenate([fn(tf.constant(x[i:i + batch_size])).numpy()
-                           for i in range(0, len(x), batch_size)]) if len(x) else \
-        np.zeros([0], np.int64)
-
-
-def _adversarial(attack, model, x, y, batch_size, seed):
-    def craft(xb, yb):
-        tf.random.set_seed(seed)  # this graph's seed only
-        return attack(lambda z: model(z, training=False), xb, yb)
-    fn = tf.function(craft, autograph=False)
-    return np.concatenate([fn(tf.constant(x[i:i + batch_size]),
-                              tf.constant(y[i:i + batch_size])).numpy()
-                           for i in range(0, len(x), batch_size)])
+FAMILIES = {"bpda": ("bpda_apgd_ce", "bpda_apgd_t"), "square": ("square",),
+            "transfer": ("transfer_apgd_ce", "transfer_apgd_t")}
 
 
 def evaluate_artifact(forward, surrogate, dataset, eps, norm="linf", n_examples=None, *,
@@ -72,52 +58,39 @@ def evaluate_artifact(forward, surrogate, dataset, eps, norm="linf", n_examples=
     {"logits"}, e.g. `teachers.load("student.int8.onnx", input_shape=...)`),
     with `surrogate` (the float student, a keras.Model) for gradients.
 
+    Every attack runs on the points the artifact classifies correctly, and is
+    judged by the artifact's prediction: APGD-CE and APGD-T of the standard
+    preset through `bpda`; its Square on the artifact (through the same model,
+    whose values are the artifact's); the same APGD-CE and APGD-T crafted on
+    the surrogate, transferred.
+
     Returns {"clean_accuracy", "n_examples", "eps", "norm", "robust_accuracy":
     {"bpda_apgd_ce", "bpda_apgd_t", "square", "transfer_apgd_ce",
     "transfer_apgd_t"}, "worst_case_accuracy", "worst_case": {"bpda",
-    "square", "transfer"} (each family alone), "square_queries"}. Every
-    attack runs on the points the artifact classifies correctly.
+    "square", "transfer"} (each family alone), "square_queries"}.
     """
     x, y = evaluate_lib.collect(dataset, n_examples)
-    clean = _predict(_forward_only(forward), x, batch_size) == y
+    model = bpda(forward, surrogate)
+    options = dict(seed=seed, batch_size=batch_size)
+    clean = evaluate_lib.survivors(model, x, y, {"clean": None}, **options)["clean"]
     todo = np.flatnonzero(clean)
-    xs, ys = x[todo], y[todo]
-    gradient = {"apgd_ce": lambda m, a, b: attacks_lib.apgd(m, a, b, eps=eps, norm=norm,
-                                                             steps=apgd_steps),
-                "apgd_t": lambda m, a, b: attacks_lib.apgd_targeted(
-                    m, a, b, eps=eps, norm=norm, steps=apgd_steps, n_targets=n_targets)}
-    survived = {}
-    artifact = _forward_only(forward)
-    through = bpda(forward, surrogate)
-    for name, attack in gradient.items():
-        if not len(todo):
-            survived[f"bpda_{name}"] = survived[f"transfer_{name}"] = np.zeros([0], bool)
-            continue
-        x_adv = _adversarial(attack, through, xs, ys, batch_size, seed)
-        survived[f"bpda_{name}"] = _predict(artifact, x_adv, batch_size) == ys
-        x_adv = _adversarial(attack, surrogate, xs, ys, batch_size, seed)
-        survived[f"transfer_{name}"] = _predict(artifact, x_adv, batch_size) == ys
-    if len(todo):
-        x_adv = _adversarial(lambda m, a, b: attacks_lib.square(
-            m, a, b, eps=eps, norm=norm, queries=square_queries), artifact, xs, ys,
-            batch_size, seed)
-        survived["square"] = _predict(artifact, x_adv, batch_size) == ys
-    else:
-        survived["square"] = np.zeros([0], bool)
+    preset = evaluate_lib.standard(eps, norm, apgd_steps=apgd_steps, n_targets=n_targets,
+                                   queries=square_queries)
+    attacks = {"bpda_apgd_ce": preset["apgd_ce"], "bpda_apgd_t": preset["apgd_t"],
+               "square": preset["square"],
+               "transfer_apgd_ce": _transferred(preset["apgd_ce"], surrogate),
+               "transfer_apgd_t": _transferred(preset["apgd_t"], surrogate)}
+    survived = evaluate_lib.survivors(model, x[todo], y[todo], attacks, **options) \
+        if len(todo) else {name: np.zeros([0], bool) for name in attacks}
 
     def accuracy(standing):
         whole = np.zeros(len(y), bool)
         whole[todo] = standing
         return float(whole.mean()) if len(y) else 0.0
-    families = {"bpda": ("bpda_apgd_ce", "bpda_apgd_t"), "square": ("square",),
-                "transfer": ("transfer_apgd_ce", "transfer_apgd_t")}
-    every = np.ones(len(todo), bool)
-    for standing in survived.values():
-        every &= standing
     return {"clean_accuracy": float(clean.mean()) if len(y) else 0.0,
             "n_examples": int(len(y)), "eps": eps, "norm": norm,
-            "robust_accuracy": {k: accuracy(v) for k, v in survived.items()},
-            "worst_case": {family: accuracy(np.logical_and.reduce(
-                [survived[n] for n in names])) for family, names in families.items()},
-            "worst_case_accuracy": accuracy(every),
+            "robust_accuracy": {name: accuracy(s) for name, s in survived.items()},
+            "worst_case": {family: accuracy(np.logical_and.reduce([survived[n] for n in names]))
+                           for family, names in FAMILIES.items()},
+            "worst_case_accuracy": accuracy(np.logical_and.reduce(list(survived.values()))),
             "square_queries": square_queries}

@@ -254,6 +254,20 @@ def _batch_targets(attack, model, batch_size):
                   {**settings, "targets_per_run": per_run}, attack.gradient_free)
 
 
+def survivors(model, x, y, attacks, *, seed=0, batch_size=256):
+    """{name: bool [n]}: whether `model` is still right on example i after attack
+    `name` (an `Attack`, a callable(model_fn, x, y) -> x_adv, or None: the clean
+    x), each compiled once and run in batches, seeded as `evaluate` seeds them.
+    Every example is attacked: the caller picks which."""
+    runner = _Runner(model, x.shape[1:], batch_size, seed)
+    out = {}
+    for name, attack in attacks.items():
+        if isinstance(attack, Attack):
+            attack = _batch_targets(attack, model, batch_size).run
+        out[name] = runner.right(name, attack, x, y)
+    return out
+
+
 class _Checkpoints:
     """Each finished step of an evaluation (an attack, the sanity checks), kept in
     `directory` as `<step>.npz` under a key naming everything its result

@@ -68,9 +68,9 @@ def test_bpda_finds_at_least_what_transfer_finds_on_the_int8_file(files, trained
     worst = report["worst_case"]
     assert report["clean_accuracy"] > 0.9 and report["n_examples"] == 120
     assert worst["bpda"] <= worst["transfer"], report
-    assert report["worst_case_accuracy"] == min(worst.values()) or \
-        report["worst_case_accuracy"] < min(worst.values())
-    assert report["worst_case_accuracy"] <= worst["bpda"] < report["clean_accuracy"]
+    # Over every attack at once: no family alone leaves fewer standing.
+    assert report["worst_case_accuracy"] <= min(worst.values())
+    assert worst["bpda"] < report["clean_accuracy"]
 
 
 def test_bpda_runs_the_artifact_forward_and_the_surrogate_backward(trained, digits):
