@@ -242,6 +242,12 @@ class Batcher:
     def ready(self):
         return self._task is not None and not self._task.done() and self.failure is None
 
+    def check_ready(self):
+        """Raises the 503 of a batcher that cannot take requests (see the class doc)."""
+        if not self.ready:
+            raise unavailable(f"the model is unavailable ({self.failure or 'not started'})",
+                              retry_after=30)
+
     def start(self):
         self._task = asyncio.get_running_loop().create_task(self._serve())
         self._task.add_done_callback(self._ended)
@@ -264,13 +270,13 @@ class Batcher:
             waiting.append(self._queue.get_nowait())
         for _, future in waiting:
             if not future.done():
-                future.set_exception(unavailable(f"the model is unavailable ({self.failure})",
-                                                 retry_after=30))
+                try:
+                    self.check_ready()
+                except ClientError as err:
+                    future.set_exception(err)
 
     async def predict(self, x):
-        if not self.ready:
-            raise unavailable(f"the model is unavailable ({self.failure or 'not started'})",
-                              retry_after=30)
+        self.check_ready()
         future = asyncio.get_running_loop().create_future()
         await self._queue.put((x, future))
         return await future
@@ -398,9 +404,7 @@ def make_app(model, limits=Limits()):
     async def inference(work):
         """Runs `work()` for an inference request if the server has room for it
         (limits.max_in_flight), else answers 503 at once, before reading the body."""
-        if not batcher.ready:
-            raise unavailable(f"the model is unavailable ({batcher.failure or 'not started'})",
-                              retry_after=30)
+        batcher.check_ready()  # before the body is read, as the limit below
         if in_flight[0] >= limits.max_in_flight:
             observed.shed("overload")
             raise unavailable(f"the server is at its limit of {limits.max_in_flight} "

@@ -6,14 +6,13 @@ path. The servers here are `ardir-serve` processes (no TensorFlow, loopback)."""
 
 import asyncio
 import concurrent.futures
-import hashlib
 import http.client
 import io
 import json
-import os
 import selectors
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -449,7 +448,7 @@ def test_a_card_that_is_not_the_models_is_refused_in_one_line(export_copy, case,
     with pytest.raises(ValueError, match=message) as err:
         server.load(str(export_copy / "student.onnx"))
     assert "\n" not in str(err.value)
-    proc = __import__("subprocess").run(
+    proc = subprocess.run(
         [sys.executable, "-m", "export.cli", f"--onnx_path={export_copy / 'student.onnx'}",
          "--port=0"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
