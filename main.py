@@ -544,7 +544,7 @@ def evaluate_mode(workdir, data):
 
 def export(workdir, data):
     from ardir_tf import evaluate
-    from export import artifacts, parity, repositories
+    from export import artifacts, parity, repositories, variants
     if not workdir.exists("student.keras"):
         fail(f"no student.keras in {workdir.root}; run --mode=distill first")
     student = load_model(workdir.path("student.keras"))
@@ -560,26 +560,26 @@ def export(workdir, data):
     x, y = evaluate.collect(data.test, FLAGS.parity_examples)
     target = FLAGS.export_dir or workdir.path("export")
     calibration, robustness = None, None
-    if FLAGS.quantize:
-        from ardir_tf import deployed, teachers
+    if FLAGS.quantize or FLAGS.litert:
+        from ardir_tf import deployed
         calibration = evaluate.collect(data.train, FLAGS.calibration_examples)[0]
 
         def robustness(path):  # on the parity images, measured on the file
             return deployed.evaluate_artifact(
-                teachers.load(path, input_shape=data.input_shape), student, [(x, y)],
+                deployed.load(path, data.input_shape), student, [(x, y)],
                 FLAGS.eps, FLAGS.norm, square_queries=1000, seed=FLAGS.seed)
     try:
         card = artifacts.export(student, target, x, y, attack=attack(FLAGS.eval_steps),
                                 card=card, opset=FLAGS.opset,
                                 name=FLAGS.model_name or "student", max_batch=FLAGS.max_batch,
                                 log=lambda message: say(f"[export] {message}"),
-                                quantize=tuple(FLAGS.quantize), calibration=calibration,
-                                robustness=robustness)
+                                quantize=tuple(FLAGS.quantize), litert=tuple(FLAGS.litert),
+                                calibration=calibration, robustness=robustness)
     except artifacts.ExportError as err:
         fail(f"export to {target} failed: {err}")
     say("\n" + parity.format_table(card["parity"]))
     if card.get("artifacts"):
-        say("\n" + artifacts.format_artifacts(card["artifacts"]))
+        say("\n" + variants.format_table(card["artifacts"]))
     tops = sorted({name.split("/")[0] + ("/" if "/" in name else "") for name in card["files"]})
     say(f"\n[export] wrote {target}: {', '.join(tops)} and {artifacts.CARD}")
     commands = repositories.docker_commands(os.path.abspath(target), card["name"])

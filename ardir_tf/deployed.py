@@ -1,5 +1,5 @@
-"""The robustness of a deployed artifact (an INT8 or float16 ONNX file), measured
-on the artifact itself.
+"""The robustness of a deployed artifact (an INT8 or float16 ONNX file, a LiteRT
+file), measured on the artifact itself.
 
 A quantized file is not the float student: its logits are rounded, and its
 gradient is not available (ONNX Runtime computes none) or is zero almost
@@ -29,6 +29,17 @@ def _logits(out):
     return out["logits"] if isinstance(out, dict) else out
 
 
+def load(path, input_shape):
+    """A deployed file as a TensorFlow callable (x, training=False) -> logits (or
+    {"logits"}): a .tflite file run by the LiteRT interpreter (export.litert),
+    anything else by `teachers.load` (ONNX files, SavedModels)."""
+    if str(path).endswith(".tflite"):
+        from export import litert
+        return litert.forward(path)
+    from ardir_tf import teachers
+    return teachers.load(str(path), input_shape=tuple(input_shape))
+
+
 def bpda(forward, surrogate):
     """A model whose forward pass is `forward`'s (the artifact) and whose
     gradient is `surrogate`'s (the float student): model(x) ->
@@ -55,7 +66,7 @@ def evaluate_artifact(forward, surrogate, dataset, eps, norm="linf", n_examples=
                       apgd_steps=100, n_targets=9, square_queries=5000, seed=0,
                       batch_size=256):
     """Robust accuracy of the artifact `forward` (a callable x -> logits or
-    {"logits"}, e.g. `teachers.load("student.int8.onnx", input_shape=...)`),
+    {"logits"}, e.g. `load("student.int8.onnx", input_shape)`),
     with `surrogate` (the float student, a keras.Model) for gradients.
 
     Every attack runs on the points the artifact classifies correctly, and is

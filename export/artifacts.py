@@ -11,6 +11,9 @@
     triton/NAME/      a Triton model repository entry: config.pbtxt, labels.txt,
                       1/model.onnx (export/repositories.py)
     tf_serving/NAME/  a TF Serving base path: 1/ holds the SavedModel
+    NAME.int8.onnx, NAME.float16.onnx, litert/   with `quantize` and `litert`:
+                      the smaller files of the same student (export/variants.py),
+                      each measured on itself; the ONNX ones are Triton models too
     model_card.json   what the model takes and returns, what it was trained for and how
                       robust it measured (from the caller's `card`), the parity checks,
                       the opset, where each server's files are ("serving"), and the
@@ -37,7 +40,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 import warnings
 
 import keras
@@ -45,7 +47,7 @@ import numpy as np
 import tensorflow as tf
 
 from ardir_tf import keras_compat
-from export import parity, repositories
+from export import parity, repositories, variants
 
 CARD = "model_card.json"
 SAVED_MODEL = "saved_model"
@@ -222,80 +224,10 @@ def card_from_run(settings, metrics, dataset, class_names, model="student"):
                 evaluations=evaluations, training=settings)
 
 
-def _latency_ms(session, x, batch, repeats=20):
-    """Median milliseconds of one call of an ONNX Runtime `session` on `batch` images."""
-    images = np.resize(x, (batch, *x.shape[1:])).astype(np.float32)
-    session.run(["logits"], {"images": images})  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(["logits"], {"images": images})
-        times.append((time.perf_counter() - start) * 1000)
-    return round(float(np.median(times)), 3)
-
-
-def _small_artifacts(tmp, name, kinds, calibration, x, y, robustness, margin, log):
-    """{kind: facts} of each of `kinds` ("int8", "float16") written beside
-    <name>.onnx in `tmp`, with the float32 file's facts under "float32"."""
-    from export import quantize
-    float_path = os.path.join(tmp, f"{name}.onnx")
-
-    def facts(path):
-        session = _onnx_runtime(path)
-        logits = session.run(["logits"], {"images": x})[0]
-        out = {"file": os.path.basename(path), "bytes": os.path.getsize(path),
-               "latency_ms": {str(b): _latency_ms(session, x, b) for b in (1, 64)},
-               "clean_accuracy": float((logits.argmax(1) == y).mean()),
-               "n_examples": int(len(y))}
-        if robustness is not None:
-            out["worst_case_accuracy"] = robustness(path)["worst_case_accuracy"]
-        return out, logits
-    base, base_logits = facts(float_path)
-    out = {"float32": base}
-    for kind in kinds:
-        path = os.path.join(tmp, f"{name}.{kind}.onnx")
-        log(f"writing {name}.{kind}.onnx" + (" and measuring its robustness on it"
-                                             if robustness is not None else ""))
-        try:
-            if kind == "int8":
-                quantize.int8_onnx(float_path, path, calibration)
-            elif kind == "float16":
-                quantize.float16_onnx(float_path, path)
-            else:
-                raise ExportError(f"unknown quantization {kind!r}; expected int8 or float16")
-        except quantize.QuantizationError as err:
-            raise ExportError(str(err)) from None
-        entry, logits = facts(path)
-        entry["max_abs_logit_diff_vs_float32"] = float(np.max(np.abs(logits - base_logits)))
-        entry["clean_accuracy_diff"] = entry["clean_accuracy"] - base["clean_accuracy"]
-        if robustness is not None:
-            entry["worst_case_diff"] = entry["worst_case_accuracy"] - base["worst_case_accuracy"]
-            entry["flagged"] = entry["worst_case_diff"] < -margin
-            if entry["flagged"]:
-                log(f"warning: {name}.{kind}.onnx's worst case is "
-                    f"{-entry['worst_case_diff']:.3f} below float32's (more than {margin})")
-        out[kind] = entry
-    return out
-
-
-def format_artifacts(small):
-    """The card's "artifacts" as a table for the log."""
-    rows = ["file                      bytes   ms@1  ms@64   clean   worst  vs float32",
-            "-" * 73]
-    for kind, a in small.items():
-        worst = a.get("worst_case_accuracy")
-        diff = "" if kind == "float32" or worst is None else f"{a['worst_case_diff']:+.4f}" + (
-            "  FLAGGED" if a.get("flagged") else "")
-        rows.append(f"{a['file']:<22} {a['bytes']:>8,} {a['latency_ms']['1']:>6.2f} "
-                    f"{a['latency_ms']['64']:>6.2f} {a['clean_accuracy']:>7.4f} "
-                    f"{'-' if worst is None else f'{worst:.4f}':>7}  {diff}")
-    return "\n".join(rows)
-
-
 def export(model, directory, x, y, *, attack, card=None, name="student",
            opset=DEFAULT_OPSET, tolerance=parity.TOLERANCE, batch_sizes=(1, 64),
-           max_batch=256, log=None, quantize=(), calibration=None, robustness=None,
-           worst_case_margin=0.02):
+           max_batch=256, log=None, quantize=(), litert=(), calibration=None,
+           robustness=None, worst_case_margin=0.02):
     """Writes `model` to `directory` (see the module doc) and returns its card.
 
     Args:
@@ -316,13 +248,16 @@ def export(model, directory, x, y, *, attack, card=None, name="student",
       max_batch: the Triton config's max_batch_size.
       log: fn(str) told of each step, or None.
       quantize: smaller ONNX files to write beside <name>.onnx, from "int8"
-        (<name>.int8.onnx, calibrated on `calibration` images) and "float16".
-        The card's "artifacts" then gives each file's (and float32's) size,
-        latency at batch 1 and 64, clean accuracy on x, and with
-        `robustness(path) -> {"worst_case_accuracy"}` its worst case, measured
-        on the file (e.g. ardir_tf.deployed.evaluate_artifact); a file whose
-        worst case is more than `worst_case_margin` below float32's is flagged
-        in the card and the log.
+        (<name>.int8.onnx, calibrated on `calibration` images) and "float16";
+        each is also its own model in the Triton repository (<name>_int8, ...).
+      litert: LiteRT files to write in litert/, from "float32", "float16" and
+        "int8" (full integer, calibrated on `calibration` images).
+        With either, the card's "artifacts" gives each file's (and the float32
+        ONNX file's) size, latency at batch 1 and 64, clean accuracy on x, and
+        with `robustness(path) -> {"worst_case_accuracy"}` its worst case,
+        measured on the file (e.g. ardir_tf.deployed.evaluate_artifact); a file
+        whose worst case is more than `worst_case_margin` below float32's is
+        flagged in the card and the log (export/variants.py).
 
     Returns:
       The model card (also written to directory/model_card.json).
@@ -372,15 +307,22 @@ def export(model, directory, x, y, *, attack, card=None, name="student",
                               "nothing was written:\n  " +
                               "\n  ".join(parity.failures(result)))
 
-        small = _small_artifacts(tmp, name, quantize, calibration, x, y, robustness,
-                                 worst_case_margin, log) if quantize else None
+        small = None
+        if quantize or litert:
+            try:
+                small = variants.write(tmp, name, quantize, litert, calibration, x, y,
+                                       robustness, worst_case_margin,
+                                       (card or {}).get("class_names"), log)
+            except variants.VariantError as err:
+                raise ExportError(str(err)) from None
         shape = [None, *map(int, model.inputs[0].shape[1:])]
         num_classes = int(serving.outputs[0].shape[-1])
         log(f"writing {repositories.TRITON}/{name}/ (Triton) and "
             f"{repositories.TF_SERVING}/{name}/ (TF Serving)")
         servers = repositories.write(
             tmp, name, os.path.join(tmp, f"{name}.onnx"), os.path.join(tmp, SAVED_MODEL),
-            shape[1:], num_classes, max_batch, (card or {}).get("class_names"))
+            shape[1:], num_classes, max_batch, (card or {}).get("class_names"),
+            {kind: os.path.join(tmp, f"{name}.{kind}.onnx") for kind in quantize})
         full = dict(card or {})
         full.update(
             format_version=1,

@@ -6,6 +6,8 @@
     triton/NAME/labels.txt       the class names, one a line (Triton's classification
                                  extension answers them for logits and probabilities)
     triton/NAME/1/model.onnx     the export's ONNX file (version 1)
+    triton/NAME_int8/...         the same for each smaller ONNX file of the export
+                                 (NAME.int8.onnx, NAME.float16.onnx): its own model
     tf_serving/NAME/1/           the export's SavedModel: TF Serving loads a model's
                                  numbered version folders under its base path
 
@@ -84,11 +86,8 @@ def docker_commands(export_dir, name):
                       f"/models/{name} -e MODEL_NAME={name} {TF_SERVING_IMAGE}"}
 
 
-def write(directory, name, onnx_file, saved_model_dir, image_shape, num_classes,
-          max_batch, class_names=None):
-    """Writes both repositories into `directory` (the export being written), from its
-    `onnx_file` and `saved_model_dir` (paths inside it). Returns the model card's
-    "serving" entry: where each repository is, relative to the export."""
+def _triton_model(directory, name, onnx_file, image_shape, num_classes, max_batch,
+                  class_names):
     model_dir = os.path.join(directory, TRITON, name)
     os.makedirs(os.path.join(model_dir, VERSION))
     _link_or_copy(onnx_file, os.path.join(model_dir, VERSION, "model.onnx"))
@@ -99,12 +98,27 @@ def write(directory, name, onnx_file, saved_model_dir, image_shape, num_classes,
             f.write("".join(f"{c}\n" for c in class_names))
     with open(os.path.join(model_dir, "config.pbtxt"), "w") as f:
         f.write(triton_config(name, image_shape, num_classes, max_batch, labels))
+
+
+def write(directory, name, onnx_file, saved_model_dir, image_shape, num_classes,
+          max_batch, class_names=None, variants=None):
+    """Writes both repositories into `directory` (the export being written), from its
+    `onnx_file` and `saved_model_dir` (paths inside it); `variants` ({kind: ONNX
+    file}, e.g. {"int8": ".../NAME.int8.onnx"}) become Triton models of their own,
+    NAME_<kind>, with the same interface. Returns the model card's "serving"
+    entry: where each repository is, relative to the export."""
+    _triton_model(directory, name, onnx_file, image_shape, num_classes, max_batch,
+                  class_names)
+    for kind, path in (variants or {}).items():
+        _triton_model(directory, f"{name}_{kind}", path, image_shape, num_classes, max_batch,
+                      class_names)
     base_path = os.path.join(directory, TF_SERVING, name)
     os.makedirs(base_path)
     _link_tree(saved_model_dir, os.path.join(base_path, VERSION))
     return {
         "triton": {"model_repository": TRITON, "model": name, "version": VERSION,
-                   "config": f"{TRITON}/{name}/config.pbtxt", "max_batch_size": int(max_batch)},
+                   "config": f"{TRITON}/{name}/config.pbtxt", "max_batch_size": int(max_batch),
+                   "variants": {kind: f"{name}_{kind}" for kind in (variants or {})}},
         "tf_serving": {"base_path": f"{TF_SERVING}/{name}", "model": name,
                        "version": VERSION, "signature": "serving_default"},
         "ardir_serve": {"model": name, "protocols": ["open_inference_v2", "tf_serving_rest",

@@ -190,7 +190,9 @@ def check_card(card, card_path, onnx_path):
     file = os.path.basename(onnx_path)
     named = (card.get("onnx") or {}).get("file") if isinstance(card.get("onnx"), dict) else None
     small = card.get("artifacts") if isinstance(card.get("artifacts"), dict) else {}
-    files = {named} | {a.get("file") for a in small.values() if isinstance(a, dict)}
+    # The smaller ONNX files of the same export; "float32" is the card's own file again.
+    files = {named} | {a.get("file") for key, a in small.items() if key != "float32" and
+                       isinstance(a, dict) and a.get("format", "onnx") == "onnx"}
     if file not in files:
         raise ValueError(f"{where} describes {named!r}, not {file!r}: it is another model's "
                          "card; serve that model's own export directory")

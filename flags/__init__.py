@@ -288,6 +288,10 @@ def define_flags():
                       "with its robustness measured on the file (BPDA, Square, transfer) "
                       "on the parity images: int8 (<name>.int8.onnx, static QDQ), float16, "
                       "or both: int8,float16.")
+    flags.DEFINE_list("litert", [], "LiteRT (TFLite) files --mode=export also writes in "
+                      "<export>/litert/, each with its robustness measured on the file: "
+                      "float32, float16 (float16 weights), int8 (full integer), or any of "
+                      "them comma-separated.")
     flags.DEFINE_integer("calibration_examples", 512, "Training images an INT8 file's "
                          "activation ranges are calibrated on.")
 
@@ -310,6 +314,8 @@ def define_flags():
     _check("parity_examples", lambda v: v >= 1, "must be >= 1")
     _check("quantize", lambda v: set(v) <= {"int8", "float16"},
            "must be int8, float16 or both, comma-separated")
+    _check("litert", lambda v: set(v) <= {"float32", "float16", "int8"},
+           "must be float32, float16, int8 or several of them, comma-separated")
     _check("calibration_examples", lambda v: v >= 1, "must be >= 1")
     _check("num_workers", lambda v: v >= 0, "must be >= 0")
     flags.register_multi_flags_validator(
@@ -485,7 +491,7 @@ def settings():
     the export/evaluation reach."""
     skip = {"verbose", "overwrite", "eval_examples", "sanity_examples", "export_dir", "download", "data_dir",
             "attacks", "sequential_attacks", "verify_unreliable", "opset", "parity_examples",
-            "quantize", "calibration_examples", "onnx_path", "host",
+            "quantize", "litert", "calibration_examples", "onnx_path", "host",
             "model_name", "port", "max_batch", "max_body_mb", "batch_delay_ms", "max_in_flight",
             "body_timeout_s", "max_connections", "strategy", "num_workers",
             "jit_compile", "check_teacher", "study_methods", "study_seeds",

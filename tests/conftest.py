@@ -99,7 +99,7 @@ def write_npz(path, n_train=20, n_test=8, size=6, classes=4, **overrides):
 # a worker interleaves modules, and a module-scoped fixture would be torn down
 # and made again each time its module came back.
 SHARED_FIXTURES = {"digits_run": "digits_run", "bad_runs": "digits_run", "runs": "runs",
-                   "served": "server", "onnx_path": "server", "ardir_serve": "server",
+                   "served": "server", "onnx_path": "server", "served_file": "server", "ardir_serve": "server",
                    "natural_report": "natural_report", "default_run": "default_run",
                    "exported_run": "exported_run"}
 
@@ -133,14 +133,16 @@ SERVED_MAX_BODY = 50_000
 
 @pytest.fixture(scope="session")
 def onnx_path(tmp_path_factory, digits):
-    """A small untrained CNN exported by artifacts.export, with class names a..j."""
+    """A small untrained CNN exported by artifacts.export, with class names a..j,
+    and its INT8 file beside it (student.int8.onnx)."""
     from export import artifacts
     (x_train, y_train), (x_test, y_test) = digits
     model = ardir_tf.models.build("small_cnn", SERVED_SHAPE, 10, width=4)
     directory = tmp_path_factory.mktemp("served") / "export"
     artifacts.export(model, directory, x_test[:32], y_test[:32],
                      attack=ardir_tf.attacks.PGD(**DIGITS_ATTACK), batch_sizes=(32,),
-                     card={"class_names": list("abcdefghij")})
+                     card={"class_names": list("abcdefghij")}, quantize=("int8",),
+                     calibration=x_train[:64])
     return directory / "student.onnx"
 
 

@@ -335,6 +335,7 @@ def test_another_runs_files_are_never_overwritten_silently(bad_runs):
 BAD = {
     "eps": (["--eps=-0.1"], "--eps: must be >= 0"),
     "quantize": (["--quantize=int4"], "--quantize: must be int8, float16 or both"),
+    "litert": (["--litert=int8,uint8"], "--litert: must be float32, float16, int8 or several"),
     "eps_text": (["--eps=abc"], "expected a number such as 0.03 or 8/255"),
     "steps": (["--steps=0"], "--steps: must be >= 1"),
     "sanity_examples": (["--sanity_examples=-1"], "--sanity_examples: must be >= 0"),

@@ -23,11 +23,19 @@ MAX_BATCH = 64
 CLASSES = list("abcdefghij")  # the served export's class names (conftest.onnx_path)
 
 
+@pytest.fixture(scope="session", params=["float32", "int8"])
+def served_file(request, onnx_path):
+    """The served export's float32 ONNX file, then its INT8 file: every test of
+    a served model runs against both."""
+    return onnx_path if request.param == "float32" else \
+        onnx_path.with_name("student.int8.onnx")
+
+
 @pytest.fixture(scope="session")
-def ardir_serve(onnx_path):
+def ardir_serve(served_file):
     """`ardir-serve` from the checkout, max batch 64; yields its port."""
     proc, port, lines = start_server(
-        [sys.executable, "-m", "export.cli", f"--onnx_path={onnx_path}", "--port=0",
+        [sys.executable, "-m", "export.cli", f"--onnx_path={served_file}", "--port=0",
          f"--max_batch={MAX_BATCH}", "--max_body_mb=1"])
     assert "model 'student'" in lines[-1] and "/v2" in lines[-1], lines
     yield port
@@ -36,11 +44,11 @@ def ardir_serve(onnx_path):
 
 
 @pytest.fixture(scope="session")
-def test_digits(digits, onnx_path):
+def test_digits(digits, served_file):
     """64 test digits and what ONNX Runtime itself says of them."""
     _, (x_test, _) = digits
     x = x_test[:64]
-    session = onnxruntime.InferenceSession(str(onnx_path))
+    session = onnxruntime.InferenceSession(str(served_file))
     logits, probabilities = session.run(["logits", "probabilities"], {"images": x})
     return x, logits, probabilities
 
