@@ -364,7 +364,7 @@ def cell_trainable(method, data, teacher, student=None):
     student (or `student`)."""
     from ardir_tf import AdversarialTrainer
     student = build_student(data) if student is None else student
-    options = method.kwargs
+    options = {k: v for k, v in method.kwargs.items() if k != "precision"}  # set by train
     if method.base in ("natural", "pgd_at", "trades"):
         return AdversarialTrainer(student, attack=attack(FLAGS.steps), method=method.base,
                                   beta=options.get("beta", FLAGS.trades_beta),
@@ -454,7 +454,7 @@ def study(workdir, data):
     then --study_methods x --study_seeds students, each an ordinary run
     directory under cells/, evaluated alike; then the report."""
     import keras
-    from ardir_tf import study as studies
+    from ardir_tf import precision, study as studies
     from ardir_tf.workdir import WorkdirError
     teacher = teacher_model(workdir, data)
     teacher_path = FLAGS.teacher or workdir.path("teacher.keras")
@@ -477,14 +477,25 @@ def study(workdir, data):
         for knob, value in method.options:
             cell[cli.STUDY_KNOB_FLAGS.get(knob, knob)] = (
                 [f"{s}:{t}" for s, t in value] if knob == "layers" else value)
+        if "precision" in method.kwargs:
+            cell.pop("precision_chosen", None)
+            cell.pop("precision_reason", None)
+            cell.update(cli.precision_settings(method.kwargs["precision"]))
         return cell
 
     def train(method, seed, cell):
         keras.utils.set_random_seed(seed)
         cell_data = load_data(seed)
-        return phase(cell, "student", cell_data, FLAGS.epochs,
-                     lambda: cell_trainable(method, cell_data, teacher),
-                     label=f"{method.name} seed {seed}")
+        study_policy = keras.mixed_precision.global_policy()
+        if "precision" in method.kwargs:  # the cell's student is built under its own
+            keras.mixed_precision.set_global_policy(
+                precision.choose(method.kwargs["precision"])[0])
+        try:
+            return phase(cell, "student", cell_data, FLAGS.epochs,
+                         lambda: cell_trainable(method, cell_data, teacher),
+                         label=f"{method.name} seed {seed}")
+        finally:
+            keras.mixed_precision.set_global_policy(study_policy)
 
     say(f"[study] {len(methods)} methods x {len(seeds)} seeds = {len(methods) * len(seeds)} "
         f"cells in {workdir.path('cells')}")
@@ -676,13 +687,16 @@ def main(argv):
                 not absl_flags.FLAGS["eval_steps"].present:
             FLAGS.eval_steps = evaluation["eval_steps"]
     keras.utils.set_random_seed(FLAGS.seed)
-    keras.mixed_precision.set_global_policy(FLAGS.precision)
+    policy, why = ardir_tf.precision.choose(FLAGS.precision)
+    keras.mixed_precision.set_global_policy(policy)
     try:
         data = load_data(FLAGS.seed)
     except ardir_tf.data.DataError as err:
         fail(str(err))
     say(f"{FLAGS.mode}: {data.name} {data.input_shape}, {data.num_classes} classes, "
         f"{strategy.num_replicas_in_sync} replica(s), workdir {workdir.root}")
+    if FLAGS.mode in ("distill", "train_teacher", "study"):
+        say(f"precision: {policy} ({why}); evaluated in float32")
     try:
         with strategy.scope():
             check_models(workdir, data)

@@ -22,6 +22,8 @@ Where each concept lives:
     training     optimisers and schedules; resumable training phases
     workdir      a run's directory: atomic writes, never another run's
     distribute   choosing the tf.distribute strategy
+    precision    float32 or mixed_bfloat16 (auto: where the hardware has it);
+                 the float32 copy every number is measured on
     keras_compat every work-around of a Keras private API, in one place
 
 Importing it changes nothing in the process (no environment variable, no
@@ -30,10 +32,10 @@ TensorFlow is imported to quieten its C++ start-up lines.
 """
 
 from ardir_tf import attacks, data, distribute, evaluate, losses, masking, models
-from ardir_tf import report, sanity, study, teachers, training, workdir
+from ardir_tf import precision, report, sanity, study, teachers, training, workdir
 from ardir_tf.adversarial import AdversarialTrainer
 from ardir_tf.distill import ARDIRDistiller, LayerPair
 
 __all__ = ["attacks", "data", "distribute", "evaluate", "losses", "masking", "models",
-           "report", "sanity", "study", "teachers", "training", "workdir",
+           "precision", "report", "sanity", "study", "teachers", "training", "workdir",
            "AdversarialTrainer", "ARDIRDistiller", "LayerPair"]

@@ -17,6 +17,9 @@ plain dict, ready for JSON:
     attacked              {attack name: examples it ran on}
     sanity_checks         see `ardir_tf.sanity`; `reliable` is False if one
                           failed (None if they did not run: sanity_examples=0)
+    trained_in, evaluated_in   only for a mixed-precision keras.Model: its policy,
+                          and "float32" (it is evaluated as its float32 copy,
+                          ardir_tf.precision.float32_model)
     verified              None, or after a failed check: {failed_checks, attacks
                           (the standard ones added), robust_accuracy (cumulative
                           after each), attack_seconds, worst_case_accuracy,
@@ -52,7 +55,7 @@ import numpy as np
 import tensorflow as tf
 
 from ardir_tf import attacks as attacks_lib
-from ardir_tf import sanity
+from ardir_tf import precision, sanity
 from ardir_tf.workdir import atomic_write
 
 
@@ -258,7 +261,9 @@ def survivors(model, x, y, attacks, *, seed=0, batch_size=256):
     """{name: bool [n]}: whether `model` is still right on example i after attack
     `name` (an `Attack`, a callable(model_fn, x, y) -> x_adv, or None: the clean
     x), each compiled once and run in batches, seeded as `evaluate` seeds them.
-    Every example is attacked: the caller picks which."""
+    Every example is attacked: the caller picks which. A mixed-precision
+    keras.Model is run as its float32 copy, as `evaluate` runs it."""
+    model = precision.float32_model(model)
     runner = _Runner(model, x.shape[1:], batch_size, seed)
     out = {}
     for name, attack in attacks.items():
@@ -403,6 +408,8 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
     Returns:
       The report described in the module docstring.
     """
+    trained_in = precision.compute_dtypes(model) if isinstance(model, keras.Model) else None
+    model = precision.float32_model(model)  # no number depends on bfloat16/float16 rounding
     if not isinstance(attacks, dict):
         attacks = suite(attacks, eps, norm)
     attacks = {name: a if isinstance(a, Attack) else Attack(a, {"attack": repr(a)})
@@ -490,6 +497,8 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
         "reliable": _reliable(checks),
         "verified": verified,
         "seconds": round(time.perf_counter() - start, 2),
+        **({"trained_in": trained_in, "evaluated_in": "float32"}
+           if trained_in not in (None, "float32") else {}),
     }
 
 

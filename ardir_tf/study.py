@@ -39,7 +39,7 @@ import time
 
 import numpy as np
 
-from ardir_tf import losses, training
+from ardir_tf import losses, precision, training
 from ardir_tf.workdir import Workdir, atomic_write
 
 METRICS = ("clean_accuracy", "worst_case_accuracy")
@@ -102,6 +102,8 @@ KNOBS = {
     "bn_statistics": (_choice(("split", "adv", "both")), ("ard", "rslad", "ardir", "trades")),
     "attack_objective": (_choice(ATTACK_OBJECTIVES), _DISTILLERS),
     "beta": (lambda v: _number(v, low=0), ("trades",)),
+    # The arithmetic the cell trains in (precision.choose); it is evaluated in float32.
+    "precision": (_choice(precision.CHOICES), BASES),
 }
 
 

@@ -46,7 +46,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ardir_tf import keras_compat
+from ardir_tf import precision
 from export import parity, repositories, variants
 
 CARD = "model_card.json"
@@ -65,31 +65,6 @@ def max_opset():
     return max(tf2onnx.constants.OPSET_TO_IR_VERSION)
 
 
-def _float32_config(config):
-    """`config` (a model's get_config()) with every layer's dtype policy float32."""
-    if isinstance(config, list):
-        return [_float32_config(c) for c in config]
-    if not isinstance(config, dict):
-        return config
-    out = {k: _float32_config(v) for k, v in config.items()}
-    if "class_name" in out and isinstance(out.get("config"), dict) and \
-            "dtype" in out["config"] and out["class_name"] != "InputLayer":
-        out["config"]["dtype"] = "float32"
-    return out
-
-
-def float32_copy(model):
-    """A copy of `model` (same weights) computing in float32, whose Normalization
-    constants are numpy arrays (graph constants when traced; see the module doc)."""
-    copy = model.__class__.from_config(_float32_config(model.get_config()))
-    copy.set_weights(model.get_weights())
-    for layer in keras_compat.all_layers(copy):
-        if isinstance(layer, keras.layers.Normalization):
-            layer.mean = np.asarray(layer.mean, np.float32)
-            layer.variance = np.asarray(layer.variance, np.float32)
-    return copy
-
-
 def serving_model(model):
     """The float32 copy of `model` (a layer named as `model`) behind an `images`
     input, with outputs {"logits", "probabilities"} (dict outputs give the
@@ -98,19 +73,12 @@ def serving_model(model):
         raise ExportError(f"model {model.name!r} has {len(model.inputs)} input(s) and "
                           f"{len(model.outputs)} output(s); export takes an image "
                           "classifier: one input of pixels [B, H, W, C], one output of logits")
-    body = float32_copy(model)
+    body = precision.float32_copy(model)
     images = keras.Input(tuple(body.inputs[0].shape[1:]), dtype="float32", name="images")
     logits = keras.layers.Activation("linear", name="logits")(body(images))
     probabilities = keras.layers.Softmax(name="probabilities")(logits)
     return keras.Model(images, {"logits": logits, "probabilities": probabilities},
                        name=f"{body.name}_serving")
-
-
-def compute_dtypes(model):
-    """The policy `model` was trained under: "float32", or the mixed policies of its
-    layers (e.g. "mixed_float16"; its float32 logits layer aside)."""
-    names = {l.dtype_policy.name for l in keras_compat.all_layers(model)}
-    return "+".join(sorted(names - {"float32"})) or "float32"
 
 
 def sha256(path):
@@ -275,7 +243,7 @@ def export(model, directory, x, y, *, attack, card=None, name="student",
     serving = serving_model(model)
     body = serving.get_layer(model.name)
     x = np.asarray(x, np.float32)
-    trained_policy = compute_dtypes(model)
+    trained_policy = precision.compute_dtypes(model)
     # A float32 model is its own reference (so parity covers the rewrite too); a
     # mixed-precision one is compared in float32, its float16 drift recorded apart.
     reference = model if trained_policy == "float32" else body

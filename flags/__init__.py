@@ -147,10 +147,13 @@ def define_flags():
                          "machine).")
     flags.DEFINE_integer("devices", 1, "Replicas: >1 mirrors over that many GPUs, or over "
                          "logical devices split from the CPU.")
-    flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
+    flags.DEFINE_enum("precision", "float32", ["auto", "float32", "mixed_float16",
+                                               "mixed_bfloat16"],
                       "Keras dtype policy of the models trained (mixed_*: float16/bfloat16 "
-                      "arithmetic with float32 weights and logits; helps on GPUs with tensor "
-                      "cores, not on CPUs).")
+                      "arithmetic with float32 weights and logits). auto: mixed_bfloat16 "
+                      "where the hardware has native bfloat16 (a CPU with AVX512_BF16 or "
+                      "AMX, a GPU of compute capability 8.0+), else float32. Evaluation "
+                      "always runs in float32.")
     flags.DEFINE_boolean("sync_batchnorm", True, "With several replicas, BatchNorm uses the "
                          "whole global batch's statistics (as one device would) instead of "
                          "each replica's slice; costs an all-reduce per BN layer.")
@@ -485,6 +488,17 @@ def layer_pairs():
     return _layer_pairs(FLAGS.layers)
 
 
+def precision_settings(value):
+    """flags.json's record of --precision=`value`: with auto, also what it chose on
+    this machine and why (a run resumed where auto chooses otherwise is another
+    run); else nothing more."""
+    if value != "auto":
+        return {"precision": value}
+    from ardir_tf import precision
+    policy, why = precision.choose(value)
+    return {"precision": value, "precision_chosen": policy, "precision_reason": why}
+
+
 def settings():
     """The run-defining flags as a dict (for flags.json): all of ours but how the
     run is displayed, whether it may overwrite, where prepared data lives, and
@@ -499,8 +513,10 @@ def settings():
     if FLAGS.mode == "study":  # a study re-evaluates its cells when these change
         skip |= {"eval_steps"}
     own = FLAGS.flags_by_module_dict()[__name__]
-    return {f.name: f.value for f in own if f.name not in skip
-            and not (f.name in ONLY_WHEN_SET and f.value == f.default)}
+    out = {f.name: f.value for f in own if f.name not in skip
+           and not (f.name in ONLY_WHEN_SET and f.value == f.default)}
+    out.update(precision_settings(FLAGS.precision))
+    return out
 
 
 # Recorded in flags.json only when set away from their default, so that a run

@@ -16,13 +16,12 @@ import warnings
 import keras
 import numpy as np
 
-from ardir_tf import models
-from export import artifacts
+from ardir_tf import models, precision
 
 
 def _function(model, layers, nchw=False, expects_255=False, classes=None,
               permutation=None, softmax=False):
-    view = models.expose(artifacts.float32_copy(model), list(layers))
+    view = models.expose(precision.float32_copy(model), list(layers))
     h, w, c = view.input.shape[1:]
     images = keras.Input((c, h, w) if nchw else (h, w, c), name="images")
     x = keras.layers.Permute((2, 3, 1))(images) if nchw else images

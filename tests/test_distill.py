@@ -390,16 +390,18 @@ def test_nan_loss_stops_training():
         d.fit(dataset(32), epochs=1, verbose=0)
 
 
-def test_mixed_float16_makes_the_float32_update_and_the_attack_still_bites():
-    """One SGD step under mixed_float16 moves the student as float32 does: the
-    loss is scaled inside the tape and unscaled by the optimizer (without
-    scale_loss, LossScaleOptimizer would shrink the update about 2^15 times).
-    The update runs at eps 0: PGD's sign steps on a float16 model craft other
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_makes_the_float32_update_and_the_attack_still_bites(policy):
+    """An epoch of SGD under a mixed policy moves the student as float32 does:
+    under float16 the loss is scaled inside the tape and unscaled by the
+    optimizer (without scale_loss, LossScaleOptimizer would shrink the update
+    about 2^15 times); bfloat16 has float32's range and needs no scaling. The
+    update runs at eps 0: PGD's sign steps on a 16-bit model craft other
     inputs than on a float32 one, which would hide what is compared here."""
     same_inputs = FIXED_ATTACK.replace(eps=0.0)
     keras.utils.set_random_seed(3)
     teacher32, student32 = tiny_pair()
-    keras.mixed_precision.set_global_policy("mixed_float16")
+    keras.mixed_precision.set_global_policy(policy)
     try:
         teacher16, student16 = tiny_pair()
         d16 = distiller(teacher16, student16, layers=[("stage1", "stage2")],
@@ -416,9 +418,9 @@ def test_mixed_float16_makes_the_float32_update_and_the_attack_still_bites():
 
     for v16, v32 in zip(adapters(d16, student16), adapters(d32, student32), strict=True):
         v16.assign(v32)  # the IR adapters start apart otherwise
-    assert type(d16.optimizer).__name__ == "LossScaleOptimizer"
+    assert (type(d16.optimizer).__name__ == "LossScaleOptimizer") == (policy == "mixed_float16")
     assert student16(batch()[0]).dtype == "float32"  # logits stay float32
-    assert student16.get_layer("stage1").compute_dtype == "float16"
+    assert student16.get_layer("stage1").compute_dtype == policy.split("_")[1]
     def trainable(student):  # not BN's moving statistics: they move either way
         return np.concatenate([v.numpy().ravel() for v in student.trainable_variables])
 

@@ -19,6 +19,7 @@ OTHER_PROGRAMS = {
     "no-deps": "pip", "rm": "docker", "model-repository": "tritonserver",
     "data-binary": "curl", "logdir": "tensorboard", "strict": "mkdocs",
     "site-dir": "mkdocs", "no-keras": "a benchmark's torch-only switch",
+    "loss": "the PyTorch speed peer", "amp": "the PyTorch speed peer",
 }
 
 

@@ -4,6 +4,9 @@
     python tests/benchmarks/step_speed.py --arch resnet18 --input cifar32 --method ardir \\
         --steps_timed 3 --warmup 1
     python tests/benchmarks/step_speed.py --compare ard,ardir --steps_timed 10 --rounds 6
+    python tests/benchmarks/step_speed.py --arch resnet18 --input cifar32 --method ardir \
+        --compare_precision float32,mixed_bfloat16 --steps_timed 2 --rounds 3 --warmup 1 \
+        --measure_ceiling
     python tests/benchmarks/step_speed.py --kernel_floor --arch small_cnn --input digits8
     python tests/benchmarks/step_speed.py --profile --arch small_cnn --input digits8
 
@@ -28,6 +31,14 @@ loop, and adds them up with the number of calls a step makes. That sum is a
 lower bound on the step time (BatchNorm, activations, pooling, the optimizer and
 the executor's own overhead are left out), and the images/s it allows is an
 upper bound on what any change to the step's graph could reach.
+
+`--precision` is the Keras policy the models are built under (float32,
+mixed_bfloat16, mixed_float16, or auto: ardir_tf.precision.choose);
+`--compare_precision float32,mixed_bfloat16` times the `--method` step under
+each, in alternating blocks in one process, and prints each one's median and
+GFLOP/s with its ratio to the first. `--measure_ceiling` then measures the
+ceiling of each precision's kernels (float32 and bfloat16 matmul and
+convolutions) and reports each step's share of its own precision's ceiling.
 
 `--profile` runs the timed steps under TensorFlow's profiler and prints where
 the step's op time goes, by op type (summed over the executor's threads;
@@ -72,6 +83,12 @@ def parse():
                         "the fair way to compare two set-ups on a machine whose speed "
                         "drifts. Prints each one's median and its ratio to the first")
     p.add_argument("--rounds", type=int, default=5, help="alternations for --compare")
+    p.add_argument("--precision", default="float32",
+                   choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"],
+                   help="Keras dtype policy the models are built under")
+    p.add_argument("--compare_precision", metavar="POLICIES",
+                   help="comma-separated policies (e.g. float32,mixed_bfloat16) the --method "
+                        "step is timed under, in alternating blocks like --compare")
     p.add_argument("--measure_ceiling", action="store_true",
                    help="measure the ceiling here first (the best of a 2048 matmul and "
                         "ResNet-18's 3x3 convolutions at batch 128) and use it")
@@ -114,8 +131,8 @@ def step_flops(student, teacher, pgd_steps, alpha, batch):
     return batch * (forward_flops(student) * (2 * pgd_steps + update) + forward_flops(teacher))
 
 
-def measure_ceiling(tf):
-    """GFLOP/s of the fastest of a few large float32 kernels on this machine: a
+def measure_ceiling(tf, dtype="float32"):
+    """GFLOP/s of the fastest of a few large `dtype` kernels on this machine: a
     2048 x 2048 matmul and 3x3 convolutions of ResNet-18's stages at batch 128
     (median of 5 timed calls each, after one warm-up)."""
     def rate(fn, flops):
@@ -127,11 +144,12 @@ def measure_ceiling(tf):
             times.append(time.perf_counter() - start)
         return flops / statistics.median(times) / 1e9
 
-    a = tf.random.normal([2048, 2048])
+    a = tf.cast(tf.random.normal([2048, 2048]), dtype)
     best = {"matmul 2048": rate(tf.function(lambda: tf.reduce_sum(tf.matmul(a, a))),
                                 2 * 2048 ** 3)}
     for hw, c in ((32, 64), (16, 128), (8, 256)):
-        x, k = tf.random.normal([128, hw, hw, c]), tf.random.normal([3, 3, c, c])
+        x = tf.cast(tf.random.normal([128, hw, hw, c]), dtype)
+        k = tf.cast(tf.random.normal([3, 3, c, c]), dtype)
         conv = tf.function(lambda x=x, k=k: tf.reduce_sum(tf.nn.conv2d(x, k, 1, "SAME")))
         best[f"conv3x3 {hw}x{hw}x{c}"] = rate(conv, 2 * 128 * hw * hw * c * c * 9)
     return best
@@ -301,12 +319,18 @@ def onednn_state():
     return f"{'on' if on else 'off'} (TensorFlow's default for this CPU)"
 
 
-def build_distiller(ardir_tf, keras, args, method, shape):
+def build_distiller(ardir_tf, keras, args, method, shape, policy=None):
     width = args.width or (32 if args.arch == "small_cnn" else 64)
     teacher_width = args.teacher_width or width
     keras.utils.set_random_seed(0)
-    teacher = ardir_tf.models.build(args.arch, shape, 10, width=teacher_width)
-    student = ardir_tf.models.build(args.arch, shape, 10, width=width)
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(
+        ardir_tf.precision.choose(policy or args.precision)[0])
+    try:
+        teacher = ardir_tf.models.build(args.arch, shape, 10, width=teacher_width)
+        student = ardir_tf.models.build(args.arch, shape, 10, width=width)
+    finally:
+        keras.mixed_precision.set_global_policy(before)
     stages = ardir_tf.models.stage_names(student)
     layers = [ardir_tf.LayerPair(s, s) for s in stages] if method == "ardir" else []
     eps = 8 / 255
@@ -361,6 +385,29 @@ def compare(args, ardir_tf, keras, data, shape):
               f"{median / first:.3f}x the {methods[0]} step")
 
 
+def compare_precision(args, ardir_tf, keras, data, shape, ceilings):
+    """The --method step under each policy, timed in alternating blocks."""
+    policies = [p.strip() for p in args.compare_precision.split(",") if p.strip()]
+    if len(policies) < 2:
+        raise SystemExit("--compare_precision takes two or more policies")
+    distillers = {p: build_distiller(ardir_tf, keras, args, args.method, shape, p)
+                  for p in policies}
+    times = alternate(keras, distillers, data, args.warmup, args.steps_timed, args.rounds)
+    d = distillers[policies[0]]
+    flops = step_flops(d.student, d.teacher, args.pgd_steps, args.alpha, args.batch)
+    first = statistics.median(times[policies[0]])
+    for p in policies:
+        median = statistics.median(times[p])
+        gflops = flops / median / 1e9
+        ceiling = ceilings.get("bfloat16" if "bfloat16" in p else "float32")
+        share = f", {gflops / ceiling:.0%} of its {ceiling:.0f} GFLOP/s ceiling" \
+            if ceiling else ""
+        print(f"{p}: {args.arch} {args.input} {args.method} step {median * 1e3:.1f} ms median "
+              f"of {len(times[p])} ({args.rounds} alternating blocks), "
+              f"{args.batch / median:.1f} img/s, {gflops:.1f} GFLOP/s{share}; "
+              f"{first / median:.2f}x the {policies[0]} step's speed")
+
+
 def main():
     args = parse()
     import keras
@@ -372,11 +419,18 @@ def main():
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     import ardir_tf
 
+    ceilings = {}
     if args.measure_ceiling:
-        kernels = measure_ceiling(tf)
-        args.ceiling_gflops = round(max(kernels.values()), 1)
-        print("ceiling: " + ", ".join(f"{k} {v:.0f}" for k, v in kernels.items())
-              + f" GFLOP/s; using {args.ceiling_gflops}")
+        dtypes = ["float32"]
+        if "bfloat16" in (args.compare_precision or "") + args.precision:
+            dtypes.append("bfloat16")
+        for dtype in dtypes:
+            kernels = measure_ceiling(tf, dtype)
+            ceilings[dtype] = round(max(kernels.values()), 1)
+            print(f"ceiling ({dtype}): " + ", ".join(f"{k} {v:.0f}" for k, v in kernels.items())
+                  + f" GFLOP/s; using {ceilings[dtype]}")
+        args.ceiling_gflops = ceilings["bfloat16" if "bfloat16" in args.precision
+                                       else "float32"]
 
     shape = INPUTS[args.input]
     rng = np.random.default_rng(0)
@@ -385,6 +439,8 @@ def main():
     data = tf.data.Dataset.from_tensors((x, y)).repeat()
     if args.compare:
         return compare(args, ardir_tf, keras, data, shape)
+    if args.compare_precision:
+        return compare_precision(args, ardir_tf, keras, data, shape, ceilings)
     distiller = build_distiller(ardir_tf, keras, args, args.method, shape)
     student, teacher = distiller.student, distiller.teacher
     if args.kernel_floor:
@@ -417,6 +473,7 @@ def main():
     gflops = flops / median / 1e9
     result = {
         "arch": args.arch, "input": args.input, "method": args.method, "batch": args.batch,
+        "precision": ardir_tf.precision.choose(args.precision)[0],
         "pgd_steps": args.pgd_steps, "student_params": student.count_params(),
         "teacher_params": teacher.count_params(), "images_per_s": round(args.batch / median, 2),
         "median_step_s": round(median, 4), "p10_step_s": round(q[0], 4),

@@ -1,0 +1,104 @@
+"""ardir_tf.precision: what --precision=auto chooses and why, and that every
+number is measured on the float32 function whatever the training policy."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import ardir_tf
+from ardir_tf import evaluate, precision
+from conftest import batch
+
+
+@pytest.mark.parametrize("cpu_flags, gpus, want, why", [
+    ({"avx2", "fma"}, [], "float32", "this CPU has no native bfloat16"),
+    ({"avx512f", "avx512_vnni"}, [], "float32", "neither AVX512_BF16 nor AMX"),
+    ({"avx512f", "avx512_bf16"}, [], "mixed_bfloat16", "this CPU has AVX512_BF16"),
+    ({"amx_bf16", "amx_tile"}, [], "mixed_bfloat16", "this CPU has AMX_BF16"),
+    ({"avx512_bf16"}, [("Tesla T4", (7, 5))], "float32", r"compute capability 7\.5\) has no"),
+    ({"avx2"}, [("NVIDIA A100", (8, 0))], "mixed_bfloat16", r"GPU \(NVIDIA A100\) has native"),
+])
+def test_auto_chooses_bfloat16_only_where_the_hardware_has_it(cpu_flags, gpus, want, why):
+    """The training device decides: a GPU if there is one, else the CPU's flags."""
+    policy, reason = precision.choose("auto", cpu_flags=cpu_flags, gpus=gpus)
+    assert policy == want
+    assert reason.startswith("auto: ") and __import__("re").search(why, reason), reason
+
+
+def test_a_named_precision_is_itself_and_a_wrong_one_is_refused():
+    assert precision.choose("float32", cpu_flags={"avx512_bf16"}, gpus=[]) == (
+        "float32", "as asked")
+    assert precision.choose("mixed_bfloat16", cpu_flags=set(), gpus=[])[0] == "mixed_bfloat16"
+    with pytest.raises(ValueError, match="expected one of auto, float32"):
+        precision.choose("bfloat16")
+
+
+def test_flags_json_records_what_auto_chose_and_why(monkeypatch):
+    """With the detection forced off (a CPU without bfloat16), auto is float32,
+    and flags.json says so; a named precision records only itself."""
+    from flags import precision_settings
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(precision, "_gpus", lambda: [])
+    recorded = precision_settings("auto")
+    assert recorded["precision"] == "auto" and recorded["precision_chosen"] == "float32"
+    assert "no native bfloat16" in recorded["precision_reason"]
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx512_bf16"})
+    assert precision_settings("auto")["precision_chosen"] == "mixed_bfloat16"
+    assert precision_settings("float32") == {"precision": "float32"}
+
+
+@pytest.fixture(scope="module")
+def bf16_model():
+    keras.utils.set_random_seed(5)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = ardir_tf.models.build("small_cnn", (8, 8, 1), 10, width=4)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return model
+
+
+def test_the_float32_model_is_the_same_weights_computed_in_float32(bf16_model):
+    x, _ = batch(32)
+    copy = precision.float32_model(bf16_model)
+    assert precision.compute_dtypes(bf16_model) == "mixed_bfloat16"
+    assert precision.compute_dtypes(copy) == "float32" and copy is not bf16_model
+    assert precision.float32_model(copy) is copy  # a float32 model is itself
+    keras.utils.set_random_seed(5)
+    reference = ardir_tf.models.build("small_cnn", (8, 8, 1), 10, width=4)
+    reference.set_weights(bf16_model.get_weights())
+    np.testing.assert_array_equal(copy(x, training=False), reference(x, training=False))
+    # bfloat16's 8-bit mantissa moves the logits; the copy does not have it.
+    assert np.max(np.abs(bf16_model(x, training=False) - reference(x, training=False))) > 1e-3
+
+
+def test_evaluation_runs_a_mixed_precision_model_in_float32(bf16_model):
+    """On images where bfloat16 rounding flips the model's answer, labelled with
+    the float32 function's answers, the evaluation finds every one right: it
+    ran the float32 copy. And the report says so."""
+    x = np.random.default_rng(1).random((4096, 8, 8, 1), np.float32)
+    want = np.asarray(precision.float32_copy(bf16_model)(x, training=False)).argmax(1)
+    flipped = np.asarray(bf16_model(x, training=False)).argmax(1) != want
+    assert flipped.sum() >= 5  # else this test could not tell the two apart
+    x, y = x[flipped], want[flipped].astype(np.int64)
+    survived = evaluate.survivors(bf16_model, x, y, {"clean": None})["clean"]
+    assert survived.all()
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    report = evaluate.evaluate(bf16_model, data, 0.0, attacks=evaluate.fast(0.0, steps=1),
+                               sanity_examples=0, verbose=0)
+    assert report["clean_accuracy"] == 1.0
+    assert (report["trained_in"], report["evaluated_in"]) == ("mixed_bfloat16", "float32")
+    float32_report = evaluate.evaluate(precision.float32_copy(bf16_model), data, 0.0,
+                                       attacks=evaluate.fast(0.0, steps=1),
+                                       sanity_examples=0, verbose=0)
+    assert "trained_in" not in float32_report
+
+
+def test_a_study_cell_may_set_its_precision():
+    from ardir_tf import study
+    method = study.parse_method("ardir@precision=mixed_bfloat16")
+    assert method.kwargs == {"precision": "mixed_bfloat16"}
+    assert study.parse_method("pgd_at@precision=float32").kwargs == {"precision": "float32"}
+    with pytest.raises(study.StudyError, match="precision"):
+        study.parse_method("ard@precision=int8")
