@@ -9,7 +9,8 @@ Where each concept lives:
     distill      ARDIRDistiller: teacher + student, adversarial train_step;
                  LayerPair(student=..., teacher=...)
     teachers     frozen teachers from .keras, SavedModel and ONNX files, and
-                 the pre-training check of their accuracy
+                 the pre-training check of their accuracy (the SavedModel and
+                 ONNX loaders: file_teachers)
     adversarial  AdversarialTrainer: robust teachers (PGD-AT, TRADES) and the
                  natural baseline
     data         digits (embedded), tfds sets, user .npz; tf.data pipelines

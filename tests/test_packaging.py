@@ -63,9 +63,10 @@ def test_every_package_the_commands_import_is_installed_whole():
     setuptools = PYPROJECT["tool"]["setuptools"]
     assert setuptools["py-modules"] == ["main"]
     for package in setuptools["packages"]:
-        assert (ROOT / package / "__init__.py").is_file()
-        subpackages = [d for d in (ROOT / package).iterdir()
-                       if (d / "__init__.py").is_file()]
+        assert (ROOT / package.replace(".", "/") / "__init__.py").is_file()
+        subpackages = [d for d in (ROOT / package.replace(".", "/")).iterdir()
+                       if (d / "__init__.py").is_file()
+                       and f"{package}.{d.name}" not in setuptools["packages"]]
         assert not subpackages, f"{subpackages} would not be installed"
     imported = set(re.findall(r"^\s*(?:from|import) (\w+)",
                               (ROOT / "main.py").read_text() +

@@ -269,3 +269,36 @@ def test_one_rule_picks_a_file_teachers_logits():
     with pytest.raises(teachers.TeacherError, match="has outputs out, stage2, none named "
                                                     "'logits'; name the logits output"):
         teachers.logits_output(["out", "stage2"], "f")
+
+
+def _plain_files(tmp_path, spec):
+    """A SavedModel and an ONNX file of one trivial function taking `spec`."""
+    import tf2onnx
+
+    @tf.function(input_signature=[spec])
+    def fn(images):
+        flat = tf.reshape(tf.cast(images, tf.float32), [-1, 64])
+        return {"logits": flat[:, :10]}
+    module = tf.Module()
+    module.fn = fn
+    saved = str(tmp_path / f"sm-{spec.dtype.name}-{spec.shape[0]}")
+    tf.saved_model.save(module, saved, signatures={"serving_default": fn})
+    onnx = str(tmp_path / f"{spec.dtype.name}-{spec.shape[0]}.onnx")
+    tf2onnx.convert.from_function(fn, input_signature=[spec], output_path=onnx)
+    return {"saved_model": saved, "onnx": onnx}
+
+
+@pytest.mark.parametrize("kind", ["saved_model", "onnx"])
+@pytest.mark.parametrize("spec, message", [
+    (tf.TensorSpec([4, 8, 8, 1], tf.float32, "images"),
+     "input 'images' has a fixed batch size of 4; export it with a dynamic batch"),
+    (tf.TensorSpec([None, 8, 8, 1], tf.int32, "images"),
+     "takes int32 'images'; a teacher takes float32 images"),
+])
+def test_savedmodel_and_onnx_files_pass_one_validation(tmp_path, kind, spec, message):
+    """The same rules, in the same words, for both kinds of file: a fixed batch
+    size (a teacher runs on every batch size) and a non-float input are refused."""
+    path = _plain_files(tmp_path, spec)[kind]
+    with pytest.raises(teachers.TeacherError, match=message) as err:
+        teachers.load(path, input_shape=(8, 8, 1))
+    assert "\n" not in str(err.value)
