@@ -214,12 +214,13 @@ class RobustModel(FitBuildMixin, keras.Model):
             # The attack clips to this range: 0-255 images would silently
             # become black and white. A cheap check, once per batch.
             low, high = tf.reduce_min(x), tf.reduce_max(x)
-            tf.debugging.assert_greater_equal(
-                low, float(clip[0]), message=f"inputs must be finite pixels in {clip} "
-                "(the attack's clip range); scale 0-255 images by 1/255")
-            tf.debugging.assert_less_equal(
-                high, float(clip[1]), message=f"inputs must be finite pixels in {clip} "
-                "(the attack's clip range); scale 0-255 images by 1/255")
+            # One Assert op whose data are strings: TensorFlow then adds no
+            # tf.cond around it, whose branch functions the function registry
+            # kept after every trace (a study grew by them, cell after cell).
+            tf.debugging.Assert(
+                tf.logical_and(low >= float(clip[0]), high <= float(clip[1])),
+                [f"inputs must be finite pixels in {clip} (the attack's clip range); "
+                 "scale 0-255 images by 1/255"])
         return x, tf.reshape(tf.cast(y, tf.int32), [-1])
 
     def _inference(self, z):

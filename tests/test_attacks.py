@@ -448,6 +448,7 @@ def test_fab_finds_the_nearest_boundary_of_a_linear_classifier(norm, attack):
     assert np.all(model(x_adv).numpy().argmax(1) != y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_fab_restarts_and_target_groups_keep_the_least_norm(norm):
     model, x, y, exact = linear_classifier(seed=2)
@@ -530,6 +531,7 @@ def test_box_projection_is_the_least_displacement_onto_the_hyperplane():
         np.testing.assert_allclose(scaled.numpy(), 3 * delta, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("l2", 0.4)])
 def test_fab_t_breaks_as_many_natural_digits_as_pgd_20_and_stays_in_the_ball(
         trained, digits, norm, eps):

@@ -95,6 +95,7 @@ def test_the_litert_files_keep_the_interface_and_int8_is_integer_inside(files, d
         files["litert_float32"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["int8", "litert_int8"])
 def test_bpda_finds_at_least_what_transfer_finds_on_the_int8_file(files, trained, digits,
                                                                   kind):

@@ -287,6 +287,7 @@ def test_fit_with_validation_reports_val_metrics():
     assert {"val_clean_accuracy", "val_pgd_accuracy"} <= set(h.history)
 
 
+@pytest.mark.slow
 def test_one_device_and_two_replicas_train_the_same_weights(mirrored):
     # Random start off; synchronised BN so both see whole-batch statistics
     # (plain BN normalises each replica's half-batch on its own).
@@ -443,6 +444,7 @@ def test_mixed_precision_makes_the_float32_update_and_the_attack_still_bites(pol
     assert fooled > 0.3, fooled
 
 
+@pytest.mark.slow
 def test_a_jit_compiled_step_makes_the_update_of_the_plain_step():
     def one_epoch(jit):
         keras.utils.set_random_seed(2)

@@ -23,6 +23,9 @@ import ardir_tf
 from ardir_tf import distribute
 from conftest import ROOT, write_npz
 
+# End to end (subprocesses of main.py, whole runs): outside the inner loop.
+pytestmark = pytest.mark.slow
+
 
 def test_strategy_kinds_and_their_errors(monkeypatch):
     assert distribute.strategy("default").num_replicas_in_sync == 1

@@ -44,6 +44,7 @@ def natural_report(trained, digits):
                              attacks=attacks, verbose=0)
 
 
+@pytest.mark.slow
 def test_apgd_ce_beats_pgd_and_the_worst_case_is_below_every_attack(natural_report):
     r = natural_report
     acc = r["robust_accuracy"]
@@ -95,6 +96,7 @@ def test_sanity_checks_pass_on_an_honest_model(natural_report):
     assert checks["square_vs_gradient"]["message"].startswith("the evaluation's")
 
 
+@pytest.mark.slow
 def test_masked_gradients_make_the_checks_fire(trained, digits):
     masked = Quantised(trained["natural"])
     r = evaluate.evaluate(masked, digits_ds(digits, 200), 0.15, attacks="fast", verbose=0)
@@ -249,6 +251,7 @@ class MaskedNear(keras.Model):
         return near * masked + (1 - near) * self.inner(z, training=training)
 
 
+@pytest.mark.slow
 def test_masking_on_the_few_points_left_standing_fails_the_square_check(trained, digits):
     _, (x, _) = digits
     r = evaluate.evaluate(MaskedNear(trained["natural"], x[:12], 0.15), digits_ds(digits),

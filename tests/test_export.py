@@ -34,6 +34,7 @@ def exported_run(tmp_path_factory):
     return workdir, proc.stdout
 
 
+@pytest.mark.slow
 def test_main_py_export_writes_the_runs_student_unchanged(exported_run):
     workdir, _ = exported_run
     exported = keras.models.load_model(workdir / "export" / "student.keras")
@@ -220,6 +221,7 @@ def leftovers(parent):
     return [n for n in os.listdir(parent) if n.startswith(".")]
 
 
+@pytest.mark.slow
 def test_a_failed_parity_check_writes_nothing_and_keeps_the_old_export(small, tmp_path):
     target = tmp_path / "out"
     export_small(small, target, batch_sizes=(64,))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import keras
+import pytest
 
 from ardir_tf import keras_compat
 from conftest import ROOT
@@ -39,6 +40,7 @@ def test_no_module_but_keras_compat_touches_a_private_keras_name():
                 assert not [p for p in private if p in text], f"{folder}/{name}"
 
 
+@pytest.mark.slow
 def test_importing_ardir_tf_changes_no_environment_variable():
     code = ("import os, json; before = dict(os.environ); import ardir_tf; "
             "print(json.dumps(sorted(set(os.environ.items()) ^ set(before.items()))))")

@@ -15,6 +15,9 @@ import pytest
 
 from conftest import DIGITS_RUN, write_npz
 
+# End to end (subprocesses of main.py, whole runs): outside the inner loop.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MAIN = str(ROOT / "main.py")
 SMOKE = f"--flagfile={ROOT / 'flags' / 'smoke.cfg'}"

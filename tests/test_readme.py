@@ -25,6 +25,7 @@ def test_the_tutorial_shows_the_readme_snippet_that_runs():
     assert python_block("## Use it from your code", TUTORIAL) == python_block(MODEL_FIT)
 
 
+@pytest.mark.slow
 def test_use_it_from_your_code_snippet_runs(tmp_path):
     code = python_block(MODEL_FIT)
     env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")

@@ -10,6 +10,9 @@ import pytest
 from ardir_tf import attacks
 from conftest import DIGITS_ATTACK, ROOT
 
+# End to end (subprocesses of main.py, whole runs): outside the inner loop.
+pytestmark = pytest.mark.slow
+
 
 def pgd_accuracy(model, x, y):
     fn = lambda z: model(z, training=False)  # noqa: E731

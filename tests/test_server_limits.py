@@ -134,6 +134,7 @@ class Tricklers:
             s.close()
 
 
+@pytest.mark.slow
 def test_slow_bodies_are_cut_off_while_health_and_good_requests_go_on(onnx_path):
     """200 connections trickle their bodies and 8 clients send good requests:
     /v2/health/live answers within 100 ms throughout, every good request gets

@@ -59,6 +59,7 @@ def distil(teacher, strategy, steps_data=(96, 32)):
     return [w.numpy() for w in student.weights], history.history, d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_keras_savedmodel_and_onnx_teachers_distil_the_same_student(files, replicas, mirrored):
     strategy = mirrored if replicas == 2 else tf.distribute.get_strategy()
