@@ -15,11 +15,13 @@ Where each concept lives:
                  natural baseline
     data         digits (embedded), tfds sets, user .npz; tf.data pipelines
     evaluate     robustness reports: attack presets, worst case, per class
+                 (what a killed evaluation keeps to resume: checkpoints)
     sanity       the checks every evaluation runs on itself
     masking      a direct probe of gradient masking, after training or during it
     deployed     the robustness of a deployed (INT8, float16) file, measured on it
     report       the report as a table and an accuracy-vs-eps plot
-    study        a method study's report: means over seeds, paired intervals
+    study        method studies: the grid of cells, resumable (its report:
+                 study_report, means over seeds, paired intervals)
     training     optimisers and schedules; resumable training phases
     workdir      a run's directory: atomic writes, never another run's
     distribute   choosing the tf.distribute strategy

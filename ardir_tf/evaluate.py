@@ -43,10 +43,6 @@ earlier attack broke (AutoAttack's rule: the same worst case, at less cost);
 
 import dataclasses
 import functools
-import glob
-import hashlib
-import json
-import os
 import time
 from typing import Callable
 
@@ -56,7 +52,7 @@ import tensorflow as tf
 
 from ardir_tf import attacks as attacks_lib
 from ardir_tf import precision, sanity
-from ardir_tf.workdir import atomic_write
+from ardir_tf.checkpoints import Checkpoints, kept_seconds, todo_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +186,7 @@ class _Runner:
         """Booleans: the model's prediction on attack(model_fn, x, y) equals y
         (attack None: on x itself). `name` keys the compiled function. With
         `distances`, also {"linf", "l2"}: each example's perturbation norm.
-        `parts` (a `_Parts`): keeps each finished batch, and skips those kept."""
+        `parts` (a `Parts`): keeps each finished batch, and skips those kept."""
         right, norms = self._run(("attack", name), lambda: attack, x, y, bar=bar,
                                  parts=parts)
         return (right, norms) if distances else right
@@ -273,102 +269,6 @@ def survivors(model, x, y, attacks, *, seed=0, batch_size=256):
     return out
 
 
-class _Checkpoints:
-    """Each finished step of an evaluation (an attack, the sanity checks), kept in
-    `directory` as `<step>.npz` under a key naming everything its result
-    depends on (the model's weights, the images, the attack's settings, the
-    points it ran on, the seed): a killed evaluation run again reuses the
-    steps it finished, and a changed one recomputes them. None: keeps nothing."""
-
-    def __init__(self, directory, model, x, y, seed):
-        weights = getattr(model, "weights", None)
-        self.directory = directory if directory and weights else None
-        if self.directory:
-            digest = hashlib.sha1()
-            for w in weights:
-                digest.update(np.ascontiguousarray(np.asarray(w)).tobytes())
-            digest.update(np.ascontiguousarray(x).tobytes())
-            digest.update(np.ascontiguousarray(y).tobytes())
-            self.base = {"data_and_weights": digest.hexdigest(), "seed": int(seed)}
-
-    def _key(self, key):
-        return json.dumps({**self.base, **key}, sort_keys=True, default=repr)
-
-    def parts(self, step, key, batch_size):
-        """A `_Parts` keeping step's finished batches (None: keeps nothing)."""
-        if not self.directory:
-            return None
-        return _Parts(self.directory, step, self._key({**key, "batch_size": batch_size}))
-
-    def __call__(self, step, key, compute):
-        """compute() -> {name: array or JSON-able value}, or the stored one.
-        Once stored, the step's batches kept by `parts` are deleted."""
-        if not self.directory:
-            return compute()
-        key = self._key(key)
-        path = os.path.join(self.directory, f"{step}.npz")
-        try:
-            with np.load(path, allow_pickle=False) as stored:
-                if str(stored["key"]) == key:
-                    return {k: (json.loads(str(stored[k])) if k.startswith("json_")
-                                else stored[k]) for k in stored.files if k != "key"}
-        except (OSError, ValueError, KeyError):
-            pass  # none yet, or unreadable: compute it
-        out = compute()
-
-        def write(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(f, key=np.array(key), **{
-                    k: (np.array(json.dumps(v)) if k.startswith("json_") else np.asarray(v))
-                    for k, v in out.items()})
-        atomic_write(path, write)
-        for part in glob.glob(os.path.join(glob.escape(self.directory), f"{step}.batch-*.npz")):
-            os.remove(part)
-        return out
-
-
-class _Parts:
-    """The finished batches of one step of an evaluation, each kept as
-    `<step>.batch-<i>.npz` under the step's key: an attack killed halfway
-    resumes at its first unfinished batch. The resumed batches' random draws
-    (random starts, Square's proposals) are fresh ones, as the kept batches'
-    were, so the result is as valid as an uninterrupted run's but not
-    bit-identical to it."""
-
-    def __init__(self, directory, step, key):
-        self.directory, self.step, self.key = directory, step, key
-        self.kept_seconds = 0.0  # what the batches read back took when computed
-
-    def _path(self, i):
-        return os.path.join(self.directory, f"{self.step}.batch-{i}.npz")
-
-    def get(self, i):
-        """Batch i's arrays, or None if not kept under this key."""
-        try:
-            with np.load(self._path(i), allow_pickle=False) as stored:
-                if str(stored["key"]) == self.key:
-                    self.kept_seconds += float(stored["seconds"])
-                    return [stored[f"a{j}"] for j in range(len(stored.files) - 2)]
-        except (OSError, ValueError, KeyError):
-            pass
-        return None
-
-    def put(self, i, arrays, seconds):
-        def write(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(f, key=np.array(self.key), seconds=np.array(float(seconds)),
-                         **{f"a{j}": np.asarray(a) for j, a in enumerate(arrays)})
-        atomic_write(self._path(i), write)
-
-
-def _kept_seconds(parts):
-    return parts.kept_seconds if parts is not None else 0.0
-
-
-def _todo_key(todo):
-    return hashlib.sha1(np.ascontiguousarray(todo, np.int64).tobytes()).hexdigest()
-
-
 def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, *,
              sequential=False, seed=0, batch_size=256, sanity_examples=500,
              verify=True, resume_dir=None, verbose=1):
@@ -399,8 +299,8 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
         what the evaluation's own attacks alone gave. On a masked model the
         evaluation's number overstates robustness, often several times over.
       resume_dir: a directory where each finished attack, each finished batch
-        of an attack, and the sanity checks are kept (`_Checkpoints`,
-        `_Parts`), so that the same evaluation, killed and run again, resumes
+        of an attack, and the sanity checks are kept (`Checkpoints`,
+        `Parts`), so that the same evaluation, killed and run again, resumes
         at its first unfinished batch (None: nothing kept). Delete it when the
         report is saved.
       verbose: 1 shows a progress bar per attack.
@@ -424,12 +324,12 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
     # also False where an earlier attack already broke it.
     robust, seconds, attacked, minimal = {}, {}, {}, {}
     standing = clean.copy()
-    checkpoints = _Checkpoints(resume_dir, model, x, y, seed)
+    checkpoints = Checkpoints(resume_dir, model, x, y, seed)
     for name, attack in attacks.items():
         todo = np.flatnonzero(standing if sequential else clean)
         attacked[name] = int(len(todo))
 
-        key = {"attack": attack.settings, "eps": eps, "todo": _todo_key(todo)}
+        key = {"attack": attack.settings, "eps": eps, "todo": todo_key(todo)}
 
         def run(name=name, attack=attack, todo=todo, key=key):
             bar = keras.utils.Progbar(len(todo), unit_name="example") if verbose else None
@@ -440,7 +340,7 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
             right, norms = runner.right(name, attack.run, x[todo], y[todo], bar,
                                         distances=True, parts=parts)
             return {"right": right, "linf": norms["linf"], "l2": norms["l2"],
-                    "seconds": round(time.perf_counter() - t + _kept_seconds(parts), 2)}
+                    "seconds": round(time.perf_counter() - t + kept_seconds(parts), 2)}
         done = checkpoints(f"attack-{name}", key, run)
         survived = np.zeros_like(clean)
         survived[todo] = done["right"]
@@ -457,7 +357,7 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
                              "norm": norm}
     checks = checkpoints("sanity", {
         "n": int(min(sanity_examples, len(y))), "eps": eps, "norm": norm,
-        "robust": _todo_key(np.concatenate([r[:sanity_examples] for r in robust.values()])
+        "robust": todo_key(np.concatenate([r[:sanity_examples] for r in robust.values()])
                             if robust else np.zeros(0))},
         lambda: {"json_checks": sanity.run_checks(
             runner, x[:sanity_examples], y[:sanity_examples], clean[:sanity_examples],
@@ -523,7 +423,7 @@ def _verify(runner, x, y, standing, attacks, checks, eps, norm, batch_size, mode
         attack = _batch_targets(attack, model, batch_size)
         todo = np.flatnonzero(standing)
 
-        key = {"attack": attack.settings, "eps": eps, "todo": _todo_key(todo)}
+        key = {"attack": attack.settings, "eps": eps, "todo": todo_key(todo)}
 
         def run(name=name, attack=attack, todo=todo, key=key):
             t = time.perf_counter()
@@ -531,7 +431,7 @@ def _verify(runner, x, y, standing, attacks, checks, eps, norm, batch_size, mode
             right = (runner.right(f"verify-{name}", attack.run, x[todo], y[todo], parts=parts)
                      if len(todo) else np.zeros([0], bool))
             return {"right": right,
-                    "seconds": round(time.perf_counter() - t + _kept_seconds(parts), 2)}
+                    "seconds": round(time.perf_counter() - t + kept_seconds(parts), 2)}
         done = checkpoints(f"verify-{name}", key, run)
         standing[todo] = done["right"]
         seconds[name] = float(done["seconds"])
