@@ -185,6 +185,54 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
                  ir_student_input="adv", kd_teacher_input="clean", bn_statistics="split",
                  adapters=True, eval_attack=None,
                  name="ardir_distiller", **kwargs):
+        alpha, attack_objective, pairs = self._checked_options(
+            teacher, student, layers, attack, method, attack_objective, alpha, temperature,
+            ir_weight, distance, ir_teacher_input, ir_student_input, kd_teacher_input,
+            bn_statistics)
+        super().__init__(student, attack, eval_attack,
+                         train_metrics=self._term_names(method, alpha, ir_weight),
+                         clean_accuracy=self._has_clean_pass(method, alpha,
+                                                             ir_student_input),
+                         name=name,
+                         **kwargs)
+        self.student = student
+        # The teacher is kept out of Keras' tracking: the distiller's weights
+        # (what save_weights and the run's backups write) and its trainable
+        # variables are what training changes, the student and the adapters,
+        # not a teacher that can be 50 times the student's size. It always runs
+        # in inference mode. Its own `trainable` flag is left as the caller set
+        # it (a teacher trained after the distiller is built still trains).
+        self._views.teacher_model = teacher
+        self.method, self.attack_objective = method, attack_objective
+        self.alpha, self.temperature = float(alpha), float(temperature)
+        self.ir_weight, self.distance = float(ir_weight), distance
+        self.ir_teacher_input, self.ir_student_input = ir_teacher_input, ir_student_input
+        self.kd_teacher_input, self.bn_statistics = kd_teacher_input, bn_statistics
+        self.pairs = pairs
+
+        self._views.student = expose(student, [p.student for p in self.pairs])
+        s_in = tuple(self._views.student.input.shape[1:])
+        # Every teacher becomes a frozen function x -> {"logits", name: NHWC}.
+        self._views.teacher = teachers.as_teacher(teacher, [p.teacher for p in self.pairs],
+                                                  input_shape=s_in)
+        t_in = self._views.teacher.input_shape
+        if s_in != t_in:
+            raise ValueError(f"teacher and student must take the same input; teacher "
+                             f"takes {t_in}, student {s_in}")
+        s_out = _feature_shape(self._views.student, "logits")
+        t_out = self._views.teacher.shapes["logits"]
+        if s_out != t_out:
+            raise ValueError(f"teacher and student must have the same classes; teacher "
+                             f"logits have shape {t_out}, student {s_out}")
+        self.adapters = self._adapters(adapters)
+
+    @staticmethod
+    def _checked_options(teacher, student, layers, attack, method, attack_objective, alpha,
+                         temperature, ir_weight, distance, ir_teacher_input,
+                         ir_student_input, kd_teacher_input, bn_statistics):
+        """Every argument checked, alone and against the others (ValueError saying
+        what is wrong and what to pass); returns (alpha, attack_objective, pairs)
+        with the method's defaults filled in."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
         if attack_objective is not None and attack_objective not in ATTACK_OBJECTIVES:
@@ -249,54 +297,26 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
                              "method='ard'")
         if attack_objective == "ardir" and method != "ardir":
             raise ValueError("attack_objective='ardir' needs method='ardir'")
-        super().__init__(student, attack, eval_attack,
-                         train_metrics=self._term_names(method, alpha, ir_weight),
-                         clean_accuracy=self._has_clean_pass(method, alpha,
-                                                             ir_student_input),
-                         name=name,
-                         **kwargs)
-        self.student = student
-        # The teacher is kept out of Keras' tracking: the distiller's weights
-        # (what save_weights and the run's backups write) and its trainable
-        # variables are what training changes, the student and the adapters,
-        # not a teacher that can be 50 times the student's size. It always runs
-        # in inference mode. Its own `trainable` flag is left as the caller set
-        # it (a teacher trained after the distiller is built still trains).
-        self._views.teacher_model = teacher
-        self.method, self.attack_objective = method, attack_objective
-        self.alpha, self.temperature = float(alpha), float(temperature)
-        self.ir_weight, self.distance = float(ir_weight), distance
-        self.ir_teacher_input, self.ir_student_input = ir_teacher_input, ir_student_input
-        self.kd_teacher_input, self.bn_statistics = kd_teacher_input, bn_statistics
-        self.pairs = pairs
+        return alpha, attack_objective, pairs
 
-        self._views.student = expose(student, [p.student for p in self.pairs])
-        s_in = tuple(self._views.student.input.shape[1:])
-        # Every teacher becomes a frozen function x -> {"logits", name: NHWC}.
-        self._views.teacher = teachers.as_teacher(teacher, [p.teacher for p in self.pairs],
-                                                  input_shape=s_in)
-        t_in = self._views.teacher.input_shape
-        if s_in != t_in:
-            raise ValueError(f"teacher and student must take the same input; teacher "
-                             f"takes {t_in}, student {s_in}")
-        s_out = _feature_shape(self._views.student, "logits")
-        t_out = self._views.teacher.shapes["logits"]
-        if s_out != t_out:
-            raise ValueError(f"teacher and student must have the same classes; teacher "
-                             f"logits have shape {t_out}, student {s_out}")
-        self.adapters = []
+    def _adapters(self, allowed):
+        """One adapter a layer pair whose student and teacher shapes differ (None
+        where they match), learnt with the student; ValueError if `allowed` is
+        False and one is needed."""
+        adapters = []
         for i, pair in enumerate(self.pairs if self.ir_weight > 0 else ()):
             s, t = pair.student, pair.teacher
             s_shape = _feature_shape(self._views.student, s)
             t_shape = self._views.teacher.shapes[t]
             if s_shape == t_shape:
-                self.adapters.append(None)
-            elif not adapters:
+                adapters.append(None)
+            elif not allowed:
                 raise ValueError(
                     f"student layer {s!r} has shape {s_shape} but teacher layer {t!r} "
                     f"has shape {t_shape}; pass adapters=True to learn a map between them")
             else:
-                self.adapters.append(build_adapter(s_shape, t_shape, f"adapter{i}_{s}_to_{t}"))
+                adapters.append(build_adapter(s_shape, t_shape, f"adapter{i}_{s}_to_{t}"))
+        return adapters
 
     @staticmethod
     def _term_names(method, alpha, ir_weight):

@@ -310,11 +310,7 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
     """
     trained_in = precision.compute_dtypes(model) if isinstance(model, keras.Model) else None
     model = precision.float32_model(model)  # no number depends on bfloat16/float16 rounding
-    if not isinstance(attacks, dict):
-        attacks = suite(attacks, eps, norm)
-    attacks = {name: a if isinstance(a, Attack) else Attack(a, {"attack": repr(a)})
-               for name, a in attacks.items()}
-    attacks = {name: _batch_targets(a, model, batch_size) for name, a in attacks.items()}
+    attacks = _attacks(attacks, eps, norm, model, batch_size)
     start = time.perf_counter()
     x, y = collect(dataset, n_examples)
     runner = _Runner(model, x.shape[1:], batch_size, seed)
@@ -368,38 +364,46 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
     if verify and _reliable(checks) is False:
         verified = _verify(runner, x, y, standing, attacks, checks, eps, norm,
                            batch_size, model, verbose, checkpoints)
-    worst = standing
+    per_class, weakest = _per_class(y, clean, standing)
+    return {
+        "clean_accuracy": float(clean.mean()),
+        "robust_accuracy": {n: float(r.mean()) for n, r in robust.items()},
+        "worst_case_accuracy": float(standing.mean()),
+        "per_class": per_class,
+        "worst_class": {"label": weakest,
+                        "robust_accuracy": per_class[weakest]["robust_accuracy"]},
+        "eps": float(eps), "norm": norm, "n_examples": int(len(y)), "seed": int(seed),
+        "sequential": bool(sequential),
+        "attack_order": list(attacks),
+        "attacks": {n: _jsonable(a.settings) for n, a in attacks.items()},
+        "attack_seconds": seconds, "attacked": attacked, "minimal_perturbation": minimal,
+        "sanity_checks": checks, "reliable": _reliable(checks), "verified": verified,
+        "seconds": round(time.perf_counter() - start, 2),
+        **({"trained_in": trained_in, "evaluated_in": "float32"}
+           if trained_in not in (None, "float32") else {}),
+    }
+
+
+def _attacks(attacks, eps, norm, model, batch_size):
+    """`evaluate`'s attacks as {name: Attack}: presets by name, bare callables
+    wrapped, APGD-T and FAB-T given their targets per run (`_batch_targets`)."""
+    if not isinstance(attacks, dict):
+        attacks = suite(attacks, eps, norm)
+    attacks = {name: a if isinstance(a, Attack) else Attack(a, {"attack": repr(a)})
+               for name, a in attacks.items()}
+    return {name: _batch_targets(a, model, batch_size) for name, a in attacks.items()}
+
+
+def _per_class(y, clean, worst):
+    """({label: {n, clean_accuracy, robust_accuracy}}, the label whose robust
+    accuracy is lowest)."""
     per_class = {}
     for label in np.unique(y):
         of = y == label
         per_class[str(label)] = {"n": int(of.sum()),
                                  "clean_accuracy": float(clean[of].mean()),
                                  "robust_accuracy": float(worst[of].mean())}
-    weakest = min(per_class, key=lambda k: per_class[k]["robust_accuracy"])
-    return {
-        "clean_accuracy": float(clean.mean()),
-        "robust_accuracy": {n: float(r.mean()) for n, r in robust.items()},
-        "worst_case_accuracy": float(worst.mean()),
-        "per_class": per_class,
-        "worst_class": {"label": weakest,
-                        "robust_accuracy": per_class[weakest]["robust_accuracy"]},
-        "eps": float(eps),
-        "norm": norm,
-        "n_examples": int(len(y)),
-        "seed": int(seed),
-        "sequential": bool(sequential),
-        "attack_order": list(attacks),
-        "attacks": {n: _jsonable(a.settings) for n, a in attacks.items()},
-        "attack_seconds": seconds,
-        "attacked": attacked,
-        "minimal_perturbation": minimal,
-        "sanity_checks": checks,
-        "reliable": _reliable(checks),
-        "verified": verified,
-        "seconds": round(time.perf_counter() - start, 2),
-        **({"trained_in": trained_in, "evaluated_in": "float32"}
-           if trained_in not in (None, "float32") else {}),
-    }
+    return per_class, min(per_class, key=lambda k: per_class[k]["robust_accuracy"])
 
 
 def _verify(runner, x, y, standing, attacks, checks, eps, norm, batch_size, model,

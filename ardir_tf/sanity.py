@@ -118,6 +118,16 @@ def run_checks(runner, x, y, clean, robust, gradient_free, *, eps, norm, verbose
         f"unbounded PGD-100 leaves {unbounded:.1%} correct (expected <= "
         f"{UNBOUNDED_MAX_ACCURACY:.0%}): gradients do not lead the attack anywhere"}
 
+    out["square_vs_gradient"] = _square_check(runner, x, y, robust, gradient_free, at_eps,
+                                              eps, norm, verbose)
+    return out
+
+
+def _square_check(runner, x, y, robust, gradient_free, at_eps, eps, norm, verbose):
+    """The gradient-free check: the share of the examples the gradient attacks
+    left standing (PGD-20 at eps, `at_eps`, when the evaluation ran none) that
+    the evaluation's gradient-free attacks, or Square-SANITY_SQUARE_QUERIES,
+    broke."""
     gradient = [r for name, r in robust.items() if not gradient_free[name]] or [at_eps]
     gradient_robust = np.logical_and.reduce(gradient)
     free = [r for name, r in robust.items() if gradient_free[name]]
@@ -151,8 +161,7 @@ def run_checks(runner, x, y, clean, robust, gradient_free, *, eps, norm, verbose
     else:
         message = ("the gradient attacks left no example standing: nothing for Square "
                    "to break, so nothing is masked")
-    out["square_vs_gradient"] = {
+    return {
         "passed": ok, "gradient_accuracy": float(gradient_robust.mean()),
         "square_accuracy": float(free_robust.mean()), "square_only": square_only,
         "standing": standing, "square_broke": broken, "message": message}
-    return out

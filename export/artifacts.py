@@ -192,6 +192,32 @@ def card_from_run(settings, metrics, dataset, class_names, model="student"):
                 evaluations=evaluations, training=settings)
 
 
+def _card(card, name, shape, num_classes, opset, servers, trained_policy, parity_result,
+          small, tmp):
+    """The model card: the caller's `card`, then what the export knows (the
+    interface, the files and their sha256, the parity checks, the versions)."""
+    full = dict(card or {})
+    full.update(
+        format_version=1,
+        name=name,
+        input={"name": "images", "dtype": "float32", "shape": shape, "layout": "NHWC",
+               "range": [0.0, 1.0]},
+        outputs={"logits": {"dtype": "float32", "shape": [None, num_classes]},
+                 "probabilities": {"dtype": "float32", "shape": [None, num_classes]}},
+        onnx={"file": f"{name}.onnx", "opset": int(opset)},
+        saved_model={"dir": SAVED_MODEL, "signature": "serve"},
+        keras={"file": f"{name}.keras"},
+        serving=servers,
+        dtype={"trained": trained_policy, "exported": "float32"},
+        parity=parity_result,
+        versions=_versions(),
+        exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        files=file_digests(tmp))
+    if small:
+        full["artifacts"] = small
+    return full
+
+
 def export(model, directory, x, y, *, attack, card=None, name="student",
            opset=DEFAULT_OPSET, tolerance=parity.TOLERANCE, batch_sizes=(1, 64),
            max_batch=256, log=None, quantize=(), litert=(), calibration=None,
@@ -291,26 +317,8 @@ def export(model, directory, x, y, *, attack, card=None, name="student",
             tmp, name, os.path.join(tmp, f"{name}.onnx"), os.path.join(tmp, SAVED_MODEL),
             shape[1:], num_classes, max_batch, (card or {}).get("class_names"),
             {kind: os.path.join(tmp, f"{name}.{kind}.onnx") for kind in quantize})
-        full = dict(card or {})
-        full.update(
-            format_version=1,
-            name=name,
-            input={"name": "images", "dtype": "float32", "shape": shape, "layout": "NHWC",
-                   "range": [0.0, 1.0]},
-            outputs={"logits": {"dtype": "float32", "shape": [None, serving.outputs[0].shape[-1]]},
-                     "probabilities": {"dtype": "float32",
-                                       "shape": [None, serving.outputs[0].shape[-1]]}},
-            onnx={"file": f"{name}.onnx", "opset": int(opset)},
-            saved_model={"dir": SAVED_MODEL, "signature": "serve"},
-            keras={"file": f"{name}.keras"},
-            serving=servers,
-            dtype={"trained": trained_policy, "exported": "float32"},
-            parity=result,
-            versions=_versions(),
-            exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            files=file_digests(tmp))
-        if small:
-            full["artifacts"] = small
+        full = _card(card, name, shape, num_classes, opset, servers, trained_policy, result,
+                     small, tmp)
         if trained_policy != "float32":
             full["dtype"]["max_abs_logit_diff_vs_trained"] = float(np.max(np.abs(
                 np.asarray(model(x, training=False), np.float32) -

@@ -308,7 +308,10 @@ def test_square_queries_only_the_points_still_standing(tiny):
         return tiny(z)
 
     attacks.square(tf.function(counted), x, y, eps=0.1, queries=50)
-    assert 32 + 49 <= int(seen.numpy()) <= 32 + 49 * 8
+    # At least one query; at most 8 a query. (Not 49 at least: on this untrained
+    # model the search may fool all 8 before its last query, and then it stops
+    # asking, which is the point.)
+    assert 32 < int(seen.numpy()) <= 32 + 49 * 8
 
 
 def test_square_breaks_a_natural_model_without_gradients(trained, digits):

@@ -43,6 +43,12 @@ def apgd(model_fn, x, y, *, eps, steps=100, norm="linf", loss="ce", targets=None
     Returns:
       For each example, an iterate the model misclassified if there was one,
       else the point with the highest loss seen (within the ball and clip).
+
+    Longer than the house's 80 lines, on purpose: the body is one
+    `tf.while_loop` whose state (iterate, momentum, step size, the best point
+    and the checkpoint counters) the paper's Algorithm 1 updates together;
+    split into functions, that state would be threaded through every call and
+    the step could no longer be read against the paper line by line.
     """
     _check(eps, 1.0, steps, norm, loss, clip)
     if loss not in ("ce", "dlr"):

@@ -69,6 +69,11 @@ def square(model_fn, x, y, *, eps, queries=5000, norm="linf", p_init=0.8,
     Returns:
       The lowest-margin point found per example (x itself where the clean
       input is already misclassified), within the ball and clip.
+
+    Longer than the house's 80 lines, on purpose: the Linf and L2 proposals
+    and the acceptance step live in one `tf.while_loop` body over one shared
+    state (points, margins, losses, the query counter), as the paper's
+    Algorithm 1 states them; the L2 tables are built once before the loop.
     """
     _check(eps, 1.0, queries, norm, "ce", clip)
     if not 0 < p_init <= 1:
