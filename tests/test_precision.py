@@ -1,6 +1,8 @@
 """ardir_tf.precision: what --precision=auto chooses and why, and that every
 number is measured on the float32 function whatever the training policy."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ def test_auto_chooses_bfloat16_only_where_the_hardware_has_it(cpu_flags, gpus, w
     """The training device decides: a GPU if there is one, else the CPU's flags."""
     policy, reason = precision.choose("auto", cpu_flags=cpu_flags, gpus=gpus)
     assert policy == want
-    assert reason.startswith("auto: ") and __import__("re").search(why, reason), reason
+    assert reason.startswith("auto: ") and re.search(why, reason), reason
 
 
 def test_a_named_precision_is_itself_and_a_wrong_one_is_refused():

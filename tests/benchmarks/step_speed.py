@@ -385,6 +385,11 @@ def compare(args, ardir_tf, keras, data, shape):
               f"{median / first:.3f}x the {methods[0]} step")
 
 
+def kernel_dtype(ardir_tf, policy):
+    """The dtype of the kernels a step under `policy` runs (auto resolved here)."""
+    return "bfloat16" if "bfloat16" in ardir_tf.precision.choose(policy)[0] else "float32"
+
+
 def compare_precision(args, ardir_tf, keras, data, shape, ceilings):
     """The --method step under each policy, timed in alternating blocks."""
     policies = [p.strip() for p in args.compare_precision.split(",") if p.strip()]
@@ -399,7 +404,7 @@ def compare_precision(args, ardir_tf, keras, data, shape, ceilings):
     for p in policies:
         median = statistics.median(times[p])
         gflops = flops / median / 1e9
-        ceiling = ceilings.get("bfloat16" if "bfloat16" in p else "float32")
+        ceiling = ceilings.get(kernel_dtype(ardir_tf, p))
         share = f", {gflops / ceiling:.0%} of its {ceiling:.0f} GFLOP/s ceiling" \
             if ceiling else ""
         print(f"{p}: {args.arch} {args.input} {args.method} step {median * 1e3:.1f} ms median "
@@ -421,16 +426,14 @@ def main():
 
     ceilings = {}
     if args.measure_ceiling:
-        dtypes = ["float32"]
-        if "bfloat16" in (args.compare_precision or "") + args.precision:
-            dtypes.append("bfloat16")
-        for dtype in dtypes:
+        policies = [args.precision, *(args.compare_precision or "").split(",")]
+        dtypes = {"float32"} | {kernel_dtype(ardir_tf, p.strip()) for p in policies if p.strip()}
+        for dtype in sorted(dtypes, reverse=True):  # float32 first
             kernels = measure_ceiling(tf, dtype)
             ceilings[dtype] = round(max(kernels.values()), 1)
             print(f"ceiling ({dtype}): " + ", ".join(f"{k} {v:.0f}" for k, v in kernels.items())
                   + f" GFLOP/s; using {ceilings[dtype]}")
-        args.ceiling_gflops = ceilings["bfloat16" if "bfloat16" in args.precision
-                                       else "float32"]
+        args.ceiling_gflops = ceilings[kernel_dtype(ardir_tf, args.precision)]
 
     shape = INPUTS[args.input]
     rng = np.random.default_rng(0)
