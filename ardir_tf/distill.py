@@ -28,7 +28,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from ardir_tf import losses, teachers
+from ardir_tf import losses, precision, teachers
 from ardir_tf.keras_compat import UnsavedAttributesMixin
 from ardir_tf.models import expose
 from ardir_tf.robust_model import (RobustModel, check_bn_statistics, check_logits_model,
@@ -211,6 +211,8 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
         self.pairs = pairs
 
         self._views.student = expose(student, [p.student for p in self.pairs])
+        # The same for the attack's passes (see RobustModel: inference mode only).
+        self._views.student_inference = precision.inference_view(self._views.student)
         s_in = tuple(self._views.student.input.shape[1:])
         # Every teacher becomes a frozen function x -> {"logits", name: NHWC}.
         self._views.teacher = teachers.as_teacher(teacher, [p.teacher for p in self.pairs],
@@ -394,7 +396,7 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
             return value if ir is None else value + ir
 
         return self.attack.replace(loss=ardir_objective)(
-            lambda z: self._views.student(z, training=False), x, y)
+            lambda z: self._views.student_inference(z, training=False), x, y)
 
     def adversarial_examples(self, x, y):
         """The PGD examples a training step would craft for the batch (x, y)."""

@@ -7,6 +7,10 @@
     compute_dtypes(model)  "float32", or the mixed policies of its layers
     float32_model(model)   the model itself if it computes in float32, else a
                            copy with the same weights computing in float32
+    inference_view(model)  for the inference passes of training (the PGD loop,
+                           the teacher): `model` under mixed_bfloat16 with its
+                           BatchNormalization computed in bfloat16, sharing its
+                           weights; `model` itself otherwise
 
 Why bfloat16 on a CPU: with oneDNN, TensorFlow runs convolutions and matrix
 products in bfloat16 on CPUs that have AVX512_BF16 or AMX instructions at
@@ -21,6 +25,17 @@ float32 weights, and deployment exports it in float32 (export.artifacts). Its
 robustness is measured on that float32 function, so no reported number depends
 on bfloat16 rounding; `float32_model` makes the copy (attacks and evaluation
 call it, see evaluate.evaluate).
+
+Why a view for the inference passes: Keras' BatchNormalization computes in
+float32 under every policy (it casts its bfloat16 input up and its output back
+down), because batch moments in bfloat16 lose precision. In inference mode it
+computes no moments: it is x * scale + shift with constants made from its
+variables, which bfloat16 carries as well as it carries a convolution's output.
+Ten of the eleven forward passes of a PGD-10 training step (and their backward
+passes to the input) are such passes; computing their BatchNorm in bfloat16
+removes two casts and two float32 passes over every BatchNorm's activations
+(docs/results/step_speed.md#bfloat16 measures what it gives). The model
+itself, its `.keras` file and every training-mode pass are unchanged.
 """
 
 import keras
@@ -119,6 +134,57 @@ def float32_copy(model):
             layer.mean = np.asarray(layer.mean, np.float32)
             layer.variance = np.asarray(layer.variance, np.float32)
     return copy
+
+
+class _BFloat16InferenceBatchNorm(keras.layers.Layer):
+    """`batch_norm`'s inference-mode function (its moving statistics) computed in
+    its compute dtype: scale and shift are made in float32 from its variables,
+    then rounded once. Holds no weights of its own; never saved (see
+    `inference_view`)."""
+
+    def __init__(self, batch_norm):
+        # autocast=False: its float32 variables are read as float32.
+        super().__init__(name=f"{batch_norm.name}_inference", dtype=batch_norm.dtype_policy,
+                         autocast=False)
+        self._of = [batch_norm]  # a list: not tracked as a sub-layer
+
+    def call(self, x, training=None, mask=None):
+        bn = self._of[0]
+        scale = keras.ops.rsqrt(keras.ops.convert_to_tensor(bn.moving_variance) + bn.epsilon)
+        if bn.scale:
+            scale = scale * bn.gamma
+        shift = -keras.ops.convert_to_tensor(bn.moving_mean) * scale
+        if bn.center:
+            shift = shift + bn.beta
+        x = keras.ops.cast(x, self.compute_dtype)  # autocast=False leaves inputs as given
+        return x * keras.ops.cast(scale, x.dtype) + keras.ops.cast(shift, x.dtype)
+
+
+def _bfloat16_inference(layer):
+    if isinstance(layer, keras.layers.BatchNormalization) and \
+            layer.dtype_policy.compute_dtype == "bfloat16" and \
+            layer.axis in (-1, len(layer.input.shape) - 1):
+        return _BFloat16InferenceBatchNorm(layer)
+    return layer
+
+
+def inference_view(model):
+    """`model` for inference-mode calls (training=False) only, computing its
+    BatchNormalization layers in bfloat16 when they run under a bfloat16 policy
+    (see the module docstring): a functional model sharing every other layer and
+    every weight of `model`, so it always computes with `model`'s current
+    weights. `model` itself when no BatchNormalization computes in bfloat16 or it
+    is a subclassed model (float32 training runs exactly as before).
+
+    Calling the view with training=True would still normalise with the moving
+    statistics and update nothing: train through `model`.
+    """
+    graph = isinstance(model, keras.Sequential) or hasattr(model, "_run_through_graph")
+    if not graph or not any(_bfloat16_inference(layer) is not layer
+                            for layer in keras_compat.all_layers(model)
+                            if isinstance(layer, keras.layers.BatchNormalization)):
+        return model
+    return keras.models.clone_model(model, clone_function=_bfloat16_inference, recursive=True)
 
 
 def float32_model(model):

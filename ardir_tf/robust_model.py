@@ -27,7 +27,7 @@ import types
 import keras
 import tensorflow as tf
 
-from ardir_tf import attacks
+from ardir_tf import attacks, precision
 from ardir_tf.keras_compat import FitBuildMixin, fit_logs
 
 
@@ -154,6 +154,10 @@ class RobustModel(FitBuildMixin, keras.Model):
         # out of Keras' tracking so each variable is saved once, under the
         # network that owns it.
         self._views = types.SimpleNamespace()
+        # The network for inference-mode passes (the attacks, validation): the
+        # network itself, or under mixed_bfloat16 a view computing BatchNorm in
+        # bfloat16 (precision.inference_view).
+        self._views.inference = precision.inference_view(network)
         # Every variable lives in already-built networks (and adapters built
         # at construction), so this wrapper is built: save_weights and
         # checkpoint callbacks work before and during fit.
@@ -224,7 +228,7 @@ class RobustModel(FitBuildMixin, keras.Model):
         return x, tf.reshape(tf.cast(y, tf.int32), [-1])
 
     def _inference(self, z):
-        return self.network(z, training=False)
+        return self._views.inference(z, training=False)
 
     def _reduce(self, per_example):
         """The scalar to differentiate: the sum over this replica's examples

@@ -141,10 +141,12 @@ class KerasTeacher(Teacher):
     kind = "keras"
 
     def __init__(self, model, layers=(), source=None):
-        from ardir_tf import models
+        from ardir_tf import models, precision
         self.model = model
         try:
-            self.view = models.expose(model, list(layers))
+            # A teacher runs in inference mode only: under mixed_bfloat16 its
+            # BatchNorm computes in bfloat16 (precision.inference_view).
+            self.view = precision.inference_view(models.expose(model, list(layers)))
         except ValueError as err:
             raise TeacherError(str(err)) from None
         self.description = f"Keras model {model.name!r}" + (f" from {source}" if source else "")

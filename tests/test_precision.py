@@ -97,6 +97,55 @@ def test_evaluation_runs_a_mixed_precision_model_in_float32(bf16_model):
     assert "trained_in" not in float32_report
 
 
+def _bf16_batchnorm_model():
+    """pixels -> BatchNorm -> identity, under mixed_bfloat16, with moving
+    statistics making scale 3 and shift -2.5, both exact in bfloat16."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        inputs = keras.Input((2,))
+        bn = keras.layers.BatchNormalization(epsilon=1e-5)
+        model = keras.Model(inputs, keras.layers.Activation("linear")(bn(inputs)))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    bn.moving_variance.assign(np.full(2, 0.25 - 1e-5, np.float32))  # rsqrt(0.25) = 2
+    bn.moving_mean.assign(np.ones(2, np.float32))
+    bn.gamma.assign(np.full(2, 1.5, np.float32))
+    bn.beta.assign(np.full(2, 0.5, np.float32))
+    return model, bn
+
+
+def test_the_inference_view_computes_batchnorm_in_bfloat16():
+    """3 * (1 + 2**-7) - 2.5: in float32 (Keras' BatchNorm) 0.5234375, exact in
+    bfloat16 too; computed in bfloat16, 3 * (1 + 2**-7) rounds to 3.03125 first
+    (bfloat16 has 8 significant bits) and the result is 0.53125."""
+    model, bn = _bf16_batchnorm_model()
+    view = precision.inference_view(model)
+    x = np.array([[1 + 2 ** -7, 2.0]], np.float32)
+    np.testing.assert_array_equal(tf.cast(model(x, training=False), tf.float32),
+                                  [[0.5234375, 3.5]])
+    np.testing.assert_array_equal(tf.cast(view(x, training=False), tf.float32),
+                                  [[0.53125, 3.5]])
+    assert not any(isinstance(l, keras.layers.BatchNormalization) for l in view.layers)
+    # It shares the weights: what training changes, the view computes with.
+    bn.beta.assign(np.full(2, 1.5, np.float32))
+    np.testing.assert_array_equal(tf.cast(view(x, training=False), tf.float32)[0, 1], 4.5)
+
+
+def test_the_inference_view_is_the_model_itself_outside_bfloat16(bf16_model):
+    keras.utils.set_random_seed(5)
+    float32 = ardir_tf.models.build("small_cnn", (8, 8, 1), 10, width=4)
+    assert precision.inference_view(float32) is float32
+    view = precision.inference_view(bf16_model)
+    assert view is not bf16_model
+    assert len(view.weights) == len(bf16_model.weights)
+    # A small CNN's logits: within bfloat16's rounding of the model's own.
+    x, _ = batch(32)
+    reference = np.asarray(precision.float32_copy(bf16_model)(x, training=False))
+    for f in (bf16_model, view):
+        assert np.max(np.abs(np.asarray(f(x, training=False)) - reference)) < \
+            0.05 * np.max(np.abs(reference))
+
+
 def test_a_study_cell_may_set_its_precision():
     from ardir_tf import study
     method = study.parse_method("ardir@precision=mixed_bfloat16")
