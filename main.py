@@ -478,8 +478,6 @@ def study(workdir, data):
             cell[cli.STUDY_KNOB_FLAGS.get(knob, knob)] = (
                 [f"{s}:{t}" for s, t in value] if knob == "layers" else value)
         if "precision" in method.kwargs:
-            cell.pop("precision_chosen", None)
-            cell.pop("precision_reason", None)
             cell.update(cli.precision_settings(method.kwargs["precision"]))
         return cell
 
@@ -631,6 +629,7 @@ def claim(workdir):
         fail(str(err))
 
 
+TRAINING = ("distill", "train_teacher", "study")
 MODES = {"train_teacher": train_teacher, "distill": distill, "evaluate": evaluate_mode,
          "export": export, "study": study}  # and serve, which needs none of their set-up
 
@@ -686,8 +685,15 @@ def main(argv):
         if "eval_steps" not in saved and "eval_steps" in evaluation and \
                 not absl_flags.FLAGS["eval_steps"].present:
             FLAGS.eval_steps = evaluation["eval_steps"]
+    else:  # a resumed run keeps its precision (flags.json; claim() checks the rest)
+        try:
+            cli.resume_precision(workdir.read_json(Workdir.SETTINGS))
+        except ValueError:
+            pass  # claim() says what is wrong with the file
     keras.utils.set_random_seed(FLAGS.seed)
-    policy, why = ardir_tf.precision.choose(FLAGS.precision)
+    # Training modes train in --precision; evaluation and export run in float32.
+    policy, why = (ardir_tf.precision.choose(FLAGS.precision) if FLAGS.mode in TRAINING
+                   else ("float32", "evaluation and export run in float32"))
     keras.mixed_precision.set_global_policy(policy)
     try:
         data = load_data(FLAGS.seed)
@@ -695,12 +701,12 @@ def main(argv):
         fail(str(err))
     say(f"{FLAGS.mode}: {data.name} {data.input_shape}, {data.num_classes} classes, "
         f"{strategy.num_replicas_in_sync} replica(s), workdir {workdir.root}")
-    if FLAGS.mode in ("distill", "train_teacher", "study"):
+    if FLAGS.mode in TRAINING:
         say(f"precision: {policy} ({why}); evaluated in float32")
     try:
         with strategy.scope():
             check_models(workdir, data)
-            if FLAGS.mode in ("distill", "train_teacher", "study"):
+            if FLAGS.mode in TRAINING:
                 claim(workdir)
                 if strategy.num_replicas_in_sync > 1:
                     distribute.barrier(strategy)  # no worker reads it before it is claimed

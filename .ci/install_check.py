@@ -18,6 +18,9 @@
 5. The full venv has none of the test-only packages (cleverhans, pytest,
    tritonclient) until `pip install .[test]`, which must bring them.
 
+pip runs with --no-compile: byte-compiling all of TensorFlow's modules at
+install is half a minute of CI that an import does lazily for the modules used.
+
 The checkout is copied first (its tracked and untracked files, not ignored
 ones), so that the build leaves nothing in it. Prints each step's time; exits 1
 on the first failure, saying which step and what it printed.
@@ -148,7 +151,7 @@ def main():
         full = os.path.join(work, "venv-full")
         step("full: python -m venv", [sys.executable, "-m", "venv", full], work)
         _, install_seconds = step("full: pip install .",
-                                  [f"{full}/bin/pip", "install", "-q", source], work)
+                                  [f"{full}/bin/pip", "install", "-q", "--no-compile", source], work)
         run_dir = os.path.join(outside, "run")
         step("full: ardir-tf --mode=distill --flagfile=flags/smoke.cfg",
              [f"{full}/bin/ardir-tf", "--mode=distill", "--flagfile=flags/smoke.cfg",
@@ -171,10 +174,10 @@ def main():
         serve = os.path.join(work, "venv-serve")
         step("serve-only: python -m venv", [sys.executable, "-m", "venv", serve], work)
         step("serve-only: pip install -r requirements-serve.txt",
-             [f"{serve}/bin/pip", "install", "-q", "-r",
+             [f"{serve}/bin/pip", "install", "-q", "--no-compile", "-r",
               os.path.join(source, "requirements-serve.txt")], work)
         step("serve-only: pip install --no-deps .",
-             [f"{serve}/bin/pip", "install", "-q", "--no-deps", source], work)
+             [f"{serve}/bin/pip", "install", "-q", "--no-compile", "--no-deps", source], work)
         no_tf = subprocess.run([f"{serve}/bin/python", "-c", "import tensorflow"],
                                capture_output=True, text=True)
         if no_tf.returncode == 0:
@@ -185,10 +188,10 @@ def main():
         check_serving("full", full, export_dir, outside)
         check_serving("serve-only", serve, export_dir, outside)
         step("serve-only: pip install --no-deps -e .",
-             [f"{serve}/bin/pip", "install", "-q", "--no-deps", "-e", source], work)
+             [f"{serve}/bin/pip", "install", "-q", "--no-compile", "--no-deps", "-e", source], work)
         check_serving("serve-only, editable", serve, export_dir, outside)
         step("full: pip install .[test]",
-             [f"{full}/bin/pip", "install", "-q", f"{source}[test]"], work)
+             [f"{full}/bin/pip", "install", "-q", "--no-compile", f"{source}[test]"], work)
         if installed(full, test_only) != test_only:
             sys.exit(f"FAILED: pip install .[test] left out "
                      f"{sorted(set(test_only) - set(installed(full, test_only)))}")

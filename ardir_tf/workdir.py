@@ -86,6 +86,18 @@ class Workdir:
              "metrics.json", "logs", "backup", "export", "workers",
              "cells", "study.csv", "study.json", "study.png")  # and a study's
 
+    # Keys of flags.json that say why a setting was chosen without defining the
+    # run (auto's reason names this machine's CPU): settings differing only in
+    # them are the same run.
+    NOTES = ("precision_reason",)
+
+    @classmethod
+    def same_settings(cls, a, b):
+        """Whether settings `a` and `b` (dicts) define the same run."""
+        def defining(settings):
+            return {k: v for k, v in settings.items() if k not in cls.NOTES}
+        return defining(a) == defining(b)
+
     def claim(self, settings, overwrite=False):
         """Makes this directory the home of the run with `settings` (a dict).
 
@@ -104,10 +116,11 @@ class Workdir:
         if previous is None and os.path.isdir(self.root) and os.listdir(self.root):
             raise WorkdirError(f"--workdir {self.root} is not empty and holds no run of "
                                "ours (no flags.json); choose another --workdir")
-        if previous is not None and previous != settings:
+        same = previous is not None and self.same_settings(previous, settings)
+        if previous is not None and not same:
             if not overwrite:
                 changed = sorted(k for k in set(previous) | set(settings)
-                                 if previous.get(k) != settings.get(k))
+                                 if previous.get(k) != settings.get(k) and k not in self.NOTES)
                 detail = ", ".join(f"--{k} was {previous.get(k)!r}, now {settings.get(k)!r}"
                                    for k in changed[:4])
                 raise WorkdirError(f"--workdir {self.root} holds another run ({detail}); "
@@ -120,4 +133,4 @@ class Workdir:
                     os.remove(target)
         os.makedirs(self.root, exist_ok=True)
         self.write_json(self.SETTINGS, settings)
-        return previous == settings
+        return same

@@ -147,13 +147,14 @@ def define_flags():
                          "machine).")
     flags.DEFINE_integer("devices", 1, "Replicas: >1 mirrors over that many GPUs, or over "
                          "logical devices split from the CPU.")
-    flags.DEFINE_enum("precision", "float32", ["auto", "float32", "mixed_float16",
-                                               "mixed_bfloat16"],
+    flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_float16",
+                                            "mixed_bfloat16"],
                       "Keras dtype policy of the models trained (mixed_*: float16/bfloat16 "
                       "arithmetic with float32 weights and logits). auto: mixed_bfloat16 "
                       "where the hardware has native bfloat16 (a CPU with AVX512_BF16 or "
-                      "AMX, a GPU of compute capability 8.0+), else float32. Evaluation "
-                      "always runs in float32.")
+                      "AMX, a GPU of compute capability 8.0+), else float32. flags.json "
+                      "records the policy used and why; a run resumed without --precision "
+                      "continues in it. Evaluation and export always run in float32.")
     flags.DEFINE_boolean("sync_batchnorm", True, "With several replicas, BatchNorm uses the "
                          "whole global batch's statistics (as one device would) instead of "
                          "each replica's slice; costs an all-reduce per BN layer.")
@@ -489,14 +490,22 @@ def layer_pairs():
 
 
 def precision_settings(value):
-    """flags.json's record of --precision=`value`: with auto, also what it chose on
-    this machine and why (a run resumed where auto chooses otherwise is another
-    run); else nothing more."""
+    """flags.json's record of --precision=`value`: the policy it gives on this
+    machine ("precision") and why ("precision_reason", a note: see
+    Workdir.NOTES)."""
     if value != "auto":
-        return {"precision": value}
+        return {"precision": value, "precision_reason": "as asked"}
     from ardir_tf import precision
     policy, why = precision.choose(value)
-    return {"precision": value, "precision_chosen": policy, "precision_reason": why}
+    return {"precision": policy, "precision_reason": why}
+
+
+def resume_precision(saved):
+    """A run resumed without --precision continues in the policy its flags.json
+    (`saved`) recorded: auto may choose otherwise on this machine, and a run
+    written before auto was the default recorded float32."""
+    if saved and "precision" in saved and not FLAGS["precision"].present:
+        FLAGS.precision = saved["precision"]
 
 
 def settings():

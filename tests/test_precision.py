@@ -38,16 +38,48 @@ def test_a_named_precision_is_itself_and_a_wrong_one_is_refused():
 
 def test_flags_json_records_what_auto_chose_and_why(monkeypatch):
     """With the detection forced off (a CPU without bfloat16), auto is float32,
-    and flags.json says so; a named precision records only itself."""
+    and flags.json says so; on with AVX512_BF16, mixed_bfloat16. A named
+    precision is recorded as asked."""
     from flags import precision_settings
     monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx2"})
     monkeypatch.setattr(precision, "_gpus", lambda: [])
     recorded = precision_settings("auto")
-    assert recorded["precision"] == "auto" and recorded["precision_chosen"] == "float32"
+    assert recorded["precision"] == "float32"
     assert "no native bfloat16" in recorded["precision_reason"]
     monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx512_bf16"})
-    assert precision_settings("auto")["precision_chosen"] == "mixed_bfloat16"
-    assert precision_settings("float32") == {"precision": "float32"}
+    assert precision_settings("auto") == {
+        "precision": "mixed_bfloat16", "precision_reason": "auto: this CPU has AVX512_BF16"}
+    assert precision_settings("float32") == {"precision": "float32",
+                                             "precision_reason": "as asked"}
+
+
+def test_auto_is_the_default_and_a_resumed_run_keeps_its_precision(monkeypatch, tmp_path):
+    """A run recorded in float32 (before auto was the default, or on a CPU
+    without bfloat16) resumes in float32 on a CPU with it, when --precision is
+    not given; given, it is another run. The reason alone never is."""
+    import flags as cli
+    from ardir_tf.workdir import Workdir, WorkdirError
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(precision, "_gpus", lambda: [])
+    cli.define_flags()
+    workdir = Workdir(str(tmp_path / "run"))
+    try:
+        cli.FLAGS(["main.py", f"--workdir={workdir.root}"])
+        assert cli.FLAGS.precision == "auto"
+        old = dict(cli.settings(), precision="float32")
+        del old["precision_reason"]  # as a run before this version recorded it
+        workdir.claim(old)
+        cli.resume_precision(workdir.read_json(Workdir.SETTINGS))
+        assert cli.FLAGS.precision == "float32"
+        assert workdir.claim(cli.settings()) is True  # resumed, not another run
+        cli.FLAGS.unparse_flags()
+        cli.FLAGS(["main.py", f"--workdir={workdir.root}", "--precision=mixed_bfloat16"])
+        cli.resume_precision(workdir.read_json(Workdir.SETTINGS))
+        assert cli.FLAGS.precision == "mixed_bfloat16"
+        with pytest.raises(WorkdirError, match="--precision was 'float32', now 'mixed_bfloat16'"):
+            workdir.claim(cli.settings())
+    finally:
+        cli.FLAGS.unparse_flags()
 
 
 @pytest.fixture(scope="module")

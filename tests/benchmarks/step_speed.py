@@ -10,9 +10,9 @@
     python tests/benchmarks/step_speed.py --kernel_floor --arch small_cnn --input digits8
     python tests/benchmarks/step_speed.py --profile --arch small_cnn --input digits8
 
-Random data (it measures time only): a teacher and a student of `--arch`, the
-ARD or ARDIR step with PGD-`--pgd_steps` at `--batch`, SGD with momentum, through
-`ARDIRDistiller.fit`, one step per call. Prints images/s, the step time (median,
+Random data (it measures time only; `--input` digits8, mnist28 or cifar32): a
+teacher and a student of `--arch`, the ARD or ARDIR step with PGD-`--pgd_steps`
+at `--batch`, SGD with momentum, through `ARDIRDistiller.fit`, one step per call. Prints images/s, the step time (median,
 p10, p90 over the timed steps), the FLOPs of a step, the GFLOP/s that makes and
 its share of `--ceiling_gflops`, the set-up (TensorFlow version, oneDNN kernels,
 XLA, threads), and how much CPU other processes used while it timed (above ~0.2
@@ -56,7 +56,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-INPUTS = {"digits8": (8, 8, 1), "cifar32": (32, 32, 3)}
+INPUTS = {"digits8": (8, 8, 1), "mnist28": (28, 28, 1), "cifar32": (32, 32, 3)}
 
 
 def parse():
