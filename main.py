@@ -685,15 +685,19 @@ def main(argv):
         if "eval_steps" not in saved and "eval_steps" in evaluation and \
                 not absl_flags.FLAGS["eval_steps"].present:
             FLAGS.eval_steps = evaluation["eval_steps"]
-    else:  # a resumed run keeps its precision (flags.json; claim() checks the rest)
+    resumed_precision = False
+    if FLAGS.mode in TRAINING:  # a resumed run keeps its precision (claim() checks the rest)
         try:
-            cli.resume_precision(workdir.read_json(Workdir.SETTINGS))
+            resumed_precision = cli.resume_precision(workdir.read_json(Workdir.SETTINGS))
         except ValueError:
             pass  # claim() says what is wrong with the file
     keras.utils.set_random_seed(FLAGS.seed)
     # Training modes train in --precision; evaluation and export run in float32.
     policy, why = (ardir_tf.precision.choose(FLAGS.precision) if FLAGS.mode in TRAINING
                    else ("float32", "evaluation and export run in float32"))
+    if resumed_precision:
+        why = f"as this run started, flags.json; --precision={FLAGS['precision'].default} " \
+              "applies to new runs"
     keras.mixed_precision.set_global_policy(policy)
     try:
         data = load_data(FLAGS.seed)

@@ -132,5 +132,7 @@ class Workdir:
                 elif os.path.exists(target):
                     os.remove(target)
         os.makedirs(self.root, exist_ok=True)
+        if same:  # a resumed run keeps its notes (why auto chose what it chose)
+            settings = dict(settings, **{k: previous[k] for k in self.NOTES if k in previous})
         self.write_json(self.SETTINGS, settings)
         return same

@@ -503,9 +503,12 @@ def precision_settings(value):
 def resume_precision(saved):
     """A run resumed without --precision continues in the policy its flags.json
     (`saved`) recorded: auto may choose otherwise on this machine, and a run
-    written before auto was the default recorded float32."""
+    written before auto was the default recorded float32. Returns whether it
+    did."""
     if saved and "precision" in saved and not FLAGS["precision"].present:
         FLAGS.precision = saved["precision"]
+        return True
+    return False
 
 
 def settings():

@@ -1,6 +1,7 @@
 """ardir_tf.precision: what --precision=auto chooses and why, and that every
 number is measured on the float32 function whatever the training policy."""
 
+import json
 import re
 
 import keras
@@ -69,12 +70,17 @@ def test_auto_is_the_default_and_a_resumed_run_keeps_its_precision(monkeypatch, 
         old = dict(cli.settings(), precision="float32")
         del old["precision_reason"]  # as a run before this version recorded it
         workdir.claim(old)
-        cli.resume_precision(workdir.read_json(Workdir.SETTINGS))
+        assert cli.resume_precision(workdir.read_json(Workdir.SETTINGS)) is True
         assert cli.FLAGS.precision == "float32"
         assert workdir.claim(cli.settings()) is True  # resumed, not another run
+        # A resumed run keeps the reason it recorded: it says why it started so.
+        noted = dict(old, precision_reason="auto: this CPU has no native bfloat16")
+        (tmp_path / "run" / "flags.json").write_text(json.dumps(noted))
+        assert workdir.claim(cli.settings()) is True
+        assert workdir.read_json(Workdir.SETTINGS) == noted
         cli.FLAGS.unparse_flags()
         cli.FLAGS(["main.py", f"--workdir={workdir.root}", "--precision=mixed_bfloat16"])
-        cli.resume_precision(workdir.read_json(Workdir.SETTINGS))
+        assert cli.resume_precision(workdir.read_json(Workdir.SETTINGS)) is False
         assert cli.FLAGS.precision == "mixed_bfloat16"
         with pytest.raises(WorkdirError, match="--precision was 'float32', now 'mixed_bfloat16'"):
             workdir.claim(cli.settings())
