@@ -27,6 +27,10 @@ this module touches a private Keras name.
 4. `all_layers(model)` (private `Layer._flatten_layers`). Keras 3.15 has no
    public way to list every layer nested in a model, sublayers of custom
    layers included (`model.layers` is one level).
+5. `is_graph_model(model)` (private `keras.src.models.functional.Functional`).
+   Keras 3.15 has no public way to tell a functional model (which
+   `keras.models.clone_model(clone_function=...)` can rebuild) from a subclassed
+   one (which it refuses).
 """
 
 import keras
@@ -82,3 +86,10 @@ def all_layers(model):
     """Every layer inside `model` (not `model` itself), nested models' and custom
     layers' sublayers included (work-around 4 in the module docstring)."""
     return model._flatten_layers(include_self=False, recursive=True)
+
+
+def is_graph_model(model):
+    """Whether `model` is a functional or Sequential keras.Model, whose graph
+    `keras.models.clone_model` can rebuild (work-around 5)."""
+    from keras.src.models.functional import Functional
+    return isinstance(model, (Functional, keras.Sequential))

@@ -160,12 +160,16 @@ class _BFloat16InferenceBatchNorm(keras.layers.Layer):
         return x * keras.ops.cast(scale, x.dtype) + keras.ops.cast(shift, x.dtype)
 
 
+def _bfloat16_batch_norm(layer):
+    """Whether `layer` is a channels-last BatchNormalization computing under a
+    bfloat16 policy (which Keras computes in float32)."""
+    return isinstance(layer, keras.layers.BatchNormalization) and \
+        layer.dtype_policy.compute_dtype == "bfloat16" and \
+        layer.axis in (-1, len(layer.input.shape) - 1)
+
+
 def _bfloat16_inference(layer):
-    if isinstance(layer, keras.layers.BatchNormalization) and \
-            layer.dtype_policy.compute_dtype == "bfloat16" and \
-            layer.axis in (-1, len(layer.input.shape) - 1):
-        return _BFloat16InferenceBatchNorm(layer)
-    return layer
+    return _BFloat16InferenceBatchNorm(layer) if _bfloat16_batch_norm(layer) else layer
 
 
 def inference_view(model):
@@ -179,10 +183,8 @@ def inference_view(model):
     Calling the view with training=True would still normalise with the moving
     statistics and update nothing: train through `model`.
     """
-    graph = isinstance(model, keras.Sequential) or hasattr(model, "_run_through_graph")
-    if not graph or not any(_bfloat16_inference(layer) is not layer
-                            for layer in keras_compat.all_layers(model)
-                            if isinstance(layer, keras.layers.BatchNormalization)):
+    if not keras_compat.is_graph_model(model) or \
+            not any(map(_bfloat16_batch_norm, keras_compat.all_layers(model))):
         return model
     return keras.models.clone_model(model, clone_function=_bfloat16_inference, recursive=True)
 

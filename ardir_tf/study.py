@@ -275,9 +275,8 @@ def run(root, methods, seeds, *, settings, train, evaluate, epochs, evaluation=N
         wanted = settings(method, seed)
         previous = workdir.read_json(Workdir.SETTINGS) if workdir.exists(Workdir.SETTINGS) \
             else None
-        if previous is not None and not Workdir.same_settings(previous, wanted):
-            changed = sorted(k for k in set(previous) | set(wanted)
-                             if previous.get(k) != wanted.get(k) and k not in Workdir.NOTES)
+        changed = Workdir.changed_settings(previous, wanted) if previous is not None else []
+        if changed:
             raise StudyError(f"{workdir.root} holds {method.name} seed {seed} trained with "
                              f"other settings ({', '.join(changed[:4])} differ); give the "
                              "changed method a new name, or delete that directory")

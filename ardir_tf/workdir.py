@@ -92,11 +92,15 @@ class Workdir:
     NOTES = ("precision_reason",)
 
     @classmethod
+    def changed_settings(cls, a, b):
+        """The sorted keys whose values differ between settings `a` and `b`
+        (dicts), notes left out: empty when they define the same run."""
+        return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in cls.NOTES)
+
+    @classmethod
     def same_settings(cls, a, b):
         """Whether settings `a` and `b` (dicts) define the same run."""
-        def defining(settings):
-            return {k: v for k, v in settings.items() if k not in cls.NOTES}
-        return defining(a) == defining(b)
+        return not cls.changed_settings(a, b)
 
     def claim(self, settings, overwrite=False):
         """Makes this directory the home of the run with `settings` (a dict).
@@ -119,8 +123,7 @@ class Workdir:
         same = previous is not None and self.same_settings(previous, settings)
         if previous is not None and not same:
             if not overwrite:
-                changed = sorted(k for k in set(previous) | set(settings)
-                                 if previous.get(k) != settings.get(k) and k not in self.NOTES)
+                changed = self.changed_settings(previous, settings)
                 detail = ", ".join(f"--{k} was {previous.get(k)!r}, now {settings.get(k)!r}"
                                    for k in changed[:4])
                 raise WorkdirError(f"--workdir {self.root} holds another run ({detail}); "

@@ -30,9 +30,26 @@ def test_the_private_keras_methods_they_override_still_exist():
     assert keras_compat.FitBuildMixin._maybe_symbolic_build.__name__ == "_maybe_symbolic_build"
 
 
+def test_is_graph_model_tells_functional_and_sequential_from_subclassed():
+    inputs = keras.Input((3,))
+    functional = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    sequential = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    assert keras_compat.is_graph_model(functional) and keras_compat.is_graph_model(sequential)
+    assert not keras_compat.is_graph_model(Subclassed())
+
+
 def test_no_module_but_keras_compat_touches_a_private_keras_name():
     private = ("_maybe_symbolic_build", "_symbolic_build", "_flatten_layers", "data_adapter",
-               "_save_model")
+               "_save_model", "keras.src", "_run_through_graph")
     for folder in ("ardir_tf", "export"):
         for name in os.listdir(ROOT / folder):
             if name.endswith(".py") and name != "keras_compat.py":

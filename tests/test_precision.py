@@ -173,6 +173,18 @@ def test_the_inference_view_is_the_model_itself_outside_bfloat16(bf16_model):
     keras.utils.set_random_seed(5)
     float32 = ardir_tf.models.build("small_cnn", (8, 8, 1), 10, width=4)
     assert precision.inference_view(float32) is float32
+
+    class Subclassed(keras.Model):  # clone_model cannot rebuild it: left as it is
+        def __init__(self):
+            super().__init__(dtype="mixed_bfloat16")
+            self.bn = keras.layers.BatchNormalization(dtype="mixed_bfloat16")
+
+        def call(self, x, training=False):
+            return self.bn(x, training=training)
+
+    subclassed = Subclassed()
+    subclassed(np.zeros((1, 2), np.float32))
+    assert precision.inference_view(subclassed) is subclassed
     view = precision.inference_view(bf16_model)
     assert view is not bf16_model
     assert len(view.weights) == len(bf16_model.weights)
