@@ -56,7 +56,12 @@ def _import_tensorflow_quietly():
         os.close(devnull)
 
 
-_import_tensorflow_quietly()
+# --help and its kind print while absl parses the command line, before any
+# validator runs: the flags' definitions import no TensorFlow, so help is at once.
+HELP = ("--help", "-help", "--helpshort", "-helpshort", "--helpfull", "-helpfull",
+        "--helpxml", "-helpxml", "-?")
+if not set(sys.argv[1:]) & set(HELP):
+    _import_tensorflow_quietly()
 
 from absl import app  # noqa: E402
 from absl import logging  # noqa: E402

@@ -73,10 +73,21 @@ def copy_checkout(target):
             shutil.copy2(source, os.path.join(target, rel))
 
 
-def serve_once(venv, export_dir, cwd, report_imports=False):
+def onnx_runtime_case(venv, export_dir):
+    """Five random images and the labels the venv's ONNX Runtime gives them."""
+    check = ("import json, sys, numpy as np, onnxruntime\n"
+             "x = np.random.default_rng(0).random((5, 8, 8, 1), dtype=np.float32)\n"
+             f"s = onnxruntime.InferenceSession({os.path.join(export_dir, 'student.onnx')!r})\n"
+             "print(json.dumps({'x': x.tolist(), 'want': "
+             "s.run(['logits'], {'images': x})[0].argmax(1).tolist()}))")
+    return json.loads(subprocess.run([f"{venv}/bin/python", "-c", check], capture_output=True,
+                                     text=True, check=True).stdout)
+
+
+def serve_once(venv, export_dir, cwd, case, report_imports=False):
     """Starts the venv's ardir-serve (or its entry point under the reporting wrapper),
-    sends one V2 infer, stops it; returns (labels, the ONNX Runtime labels, modules
-    imported or None, seconds to listen)."""
+    sends one V2 infer of `case`'s images, stops it; returns (labels, modules imported
+    or None, seconds to listen)."""
     python = f"{venv}/bin/python"
     command = [python, "-c", SERVE_AND_REPORT] if report_imports else [f"{venv}/bin/ardir-serve"]
     start = time.perf_counter()
@@ -91,13 +102,6 @@ def serve_once(venv, export_dir, cwd, report_imports=False):
     listening = time.perf_counter() - start
     if port is None:
         sys.exit(f"FAILED: ardir-serve did not start\n{proc.stderr.read()[-3000:]}")
-    check = ("import json, sys, numpy as np, onnxruntime\n"
-             "x = np.random.default_rng(0).random((5, 8, 8, 1), dtype=np.float32)\n"
-             f"s = onnxruntime.InferenceSession({os.path.join(export_dir, 'student.onnx')!r})\n"
-             "print(json.dumps({'x': x.tolist(), 'want': "
-             "s.run(['logits'], {'images': x})[0].argmax(1).tolist()}))")
-    case = json.loads(subprocess.run([python, "-c", check], capture_output=True, text=True,
-                                     check=True).stdout)
     body = json.dumps({"inputs": [{"name": "images", "shape": [5, 8, 8, 1],
                                    "datatype": "FP32", "data": case["x"]}]}).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/student/infer", body)
@@ -108,17 +112,18 @@ def serve_once(venv, export_dir, cwd, report_imports=False):
     imported = re.search(r"IMPORTED (\[.*\])", out)
     if proc.returncode or (report_imports and not imported):
         sys.exit(f"FAILED: ardir-serve exit {proc.returncode}\n{out[-2000:]}\n{err[-2000:]}")
-    return (outputs["label"]["data"], case["want"], imported and imported.group(1),
-            listening)
+    return outputs["label"]["data"], imported and imported.group(1), listening
 
 
 def check_serving(name, venv, export_dir, cwd):
-    labels, want, _, listening = serve_once(venv, export_dir, cwd)
+    case = onnx_runtime_case(venv, export_dir)
+    labels, _, listening = serve_once(venv, export_dir, cwd, case)
+    want = case["want"]
     print(f"{name}: ardir-serve listening after {listening:.2f} s; labels {labels} (ONNX "
           f"Runtime: {want})", flush=True)
     if labels != want:
         sys.exit(f"FAILED: {name} ardir-serve gave {labels} for {want}")
-    _, _, imported, _ = serve_once(venv, export_dir, cwd, report_imports=True)
+    _, imported, _ = serve_once(venv, export_dir, cwd, case, report_imports=True)
     print(f"{name}: TensorFlow-like modules in the server's sys.modules: {imported}")
     if imported != "[]":
         sys.exit(f"FAILED: {name} ardir-serve imported {imported}")

@@ -15,6 +15,8 @@ import sys
 
 from absl import flags
 
+from . import choices
+
 FLAGS = flags.FLAGS
 MODES = ("train_teacher", "distill", "evaluate", "export", "serve", "study")
 PRESETS = os.path.dirname(os.path.abspath(__file__))
@@ -127,16 +129,13 @@ def define_flags():
     """Registers the flags (once) and their validators."""
     if "mode" in FLAGS:
         return
-    from ardir_tf import (adversarial, data, distill, distribute, evaluate, losses, models,
-                          teachers, training)
-    from export import artifacts
     define_serve_flags()
     # Run.
     flags.DEFINE_enum("mode", "distill", MODES, "What to do.")
     flags.DEFINE_integer("seed", 0, "Seed of weights, shuffling and attacks; the same "
                          "seed gives the same run on a CPU.")
     flags.DEFINE_boolean("overwrite", False, "Replace another run's files in --workdir.")
-    flags.DEFINE_enum("strategy", "auto", list(distribute.KINDS), "tf.distribute strategy: "
+    flags.DEFINE_enum("strategy", "auto", list(choices.STRATEGIES), "tf.distribute strategy: "
                       "auto (mirrored over all GPUs when there are 2 or more, or over "
                       "--devices; else one device), default (one device), mirrored (over "
                       "--devices GPUs, or logical CPU devices on a machine without GPUs), "
@@ -162,14 +161,14 @@ def define_flags():
                          "ops; helps most on GPUs; measure first).")
     flags.DEFINE_integer("verbose", 1, "1: progress bars; 2: a line per epoch; 0: quiet.")
     # Data.
-    flags.DEFINE_string("dataset", "digits", f"One of {', '.join(data.NAMES)}.")
+    flags.DEFINE_string("dataset", "digits", f"One of {', '.join(choices.DATASETS)}.")
     flags.DEFINE_string("data_dir", None, "Where tensorflow-datasets keeps prepared data.")
     flags.DEFINE_boolean("download", False, "Let tensorflow-datasets download a missing "
                          "dataset (needs internet).")
     flags.DEFINE_integer("batch_size", 64, "Global batch size (split over --devices).")
     flags.DEFINE_boolean("augment", True, "Random crops and flips on tfds training data.")
     # Models.
-    archs = list(models.BUILDERS)
+    archs = list(choices.ARCHS)
     flags.DEFINE_string("teacher", None, "A trained teacher: a .keras file, a TensorFlow "
                         "SavedModel directory or an .onnx file (e.g. a PyTorch model "
                         "exported with torch.onnx.export). None: train one (or reuse "
@@ -177,7 +176,7 @@ def define_flags():
     flags.DEFINE_boolean("check_teacher", True, "Before training, score a --teacher on up "
                          "to 1,000 test images and stop when it is near chance level (wrong "
                          "layout, scaling or class order); --nocheck_teacher skips it.")
-    flags.DEFINE_enum("teacher_layout", "auto", list(teachers.LAYOUTS),
+    flags.DEFINE_enum("teacher_layout", "auto", list(choices.TEACHER_LAYOUTS),
                       "Layout of a SavedModel or ONNX --teacher's input: auto (read from its "
                       "input shape when the data tell NHWC from NCHW), nhwc, or nchw "
                       "(PyTorch exports).")
@@ -186,7 +185,7 @@ def define_flags():
                        "[0, 1], so 255 for a model trained on 0-255 images.")
     flags.DEFINE_list("teacher_mean", None, "Per-channel mean the --teacher subtracts after "
                       "--teacher_input_scale (one value, or one per channel). None: 0.")
-    flags.DEFINE_enum("teacher_outputs", "logits", list(teachers.OUTPUTS), "What a "
+    flags.DEFINE_enum("teacher_outputs", "logits", list(choices.TEACHER_OUTPUTS), "What a "
                       "SavedModel or ONNX --teacher's logits output holds: logits, or "
                       "probabilities (a softmax ends the model; their log is used). A "
                       "teacher that outputs probabilities is refused unless this says so.")
@@ -224,10 +223,8 @@ def define_flags():
                          "it lacks on the points left standing, so that its worst case is "
                          "the number to trust.")
     # Method.
-    flags.DEFINE_enum("method", "ardir", list(distill.METHODS), "Distillation method.")
-    # "natural" is the baseline phase's method, not a way to train a robust teacher.
-    flags.DEFINE_enum("teacher_method", "pgd_at",
-                      [m for m in adversarial.METHODS if m != "natural"],
+    flags.DEFINE_enum("method", "ardir", list(choices.METHODS), "Distillation method.")
+    flags.DEFINE_enum("teacher_method", "pgd_at", list(choices.TEACHER_METHODS),
                       "How a teacher is trained.")
     flags.DEFINE_list("layers", ["stage2:stage2"], "student_layer:teacher_layer pairs "
                       "matched by the IR term (method ardir); for a SavedModel or ONNX "
@@ -236,14 +233,14 @@ def define_flags():
               "5/6 for rslad).")
     flags.DEFINE_float("temperature", 1.0, "Temperature of the KD term.")
     flags.DEFINE_float("ir_weight", 1.0, "Weight of the IR term (0: ARD).")
-    flags.DEFINE_enum("distance", "normalized_mse", list(losses.DISTANCES), "IR distance "
+    flags.DEFINE_enum("distance", "normalized_mse", list(choices.DISTANCES), "IR distance "
                       "(normalized_mse is exactly 2 x cosine: the same objective at twice "
                       "the --ir_weight).")
-    flags.DEFINE_enum("ir_teacher_input", "clean", list(losses.IR_TEACHER_INPUTS),
+    flags.DEFINE_enum("ir_teacher_input", "clean", list(choices.IR_TEACHER_INPUTS),
                       "Whose teacher representation the student's adversarial one is pulled "
                       "towards: the teacher's on the clean x, on the adversarial x' (one "
                       "more teacher pass a step), or both (the mean of the two distances).")
-    flags.DEFINE_enum("ir_student_input", "adv", list(losses.IR_STUDENT_INPUTS),
+    flags.DEFINE_enum("ir_student_input", "adv", list(choices.IR_STUDENT_INPUTS),
                       "The student's side of the IR term: its representation on x' (adv), "
                       "or also its representation on x matched to the teacher's on x (both).")
     flags.DEFINE_enum("bn_statistics", "split", ["split", "adv", "both"],
@@ -253,21 +250,21 @@ def define_flags():
                       "attacks use, from the adversarial batches alone), adv (the clean pass "
                       "in inference mode) or both (the reference code's: the moving "
                       "statistics average the two, which masked the MNIST students).")
-    flags.DEFINE_enum("kd_teacher_input", "clean", list(distill.KD_TEACHER_INPUTS),
+    flags.DEFINE_enum("kd_teacher_input", "clean", list(choices.KD_TEACHER_INPUTS),
                       "Whose output the KD term (ard, ardir) pulls the student's output on "
                       "x' towards: the teacher's on the clean x (ARD's soft labels) or on x' "
                       "(one more teacher pass a step).")
-    flags.DEFINE_enum("attack_objective", None, list(distill.ATTACK_OBJECTIVES),
+    flags.DEFINE_enum("attack_objective", None, list(choices.ATTACK_OBJECTIVES),
                       "What PGD maximises while distilling (default: ce; kl for rslad).")
     flags.DEFINE_float("trades_beta", 6.0, "TRADES' beta (teacher_method=trades).")
     # Optimisation.
     flags.DEFINE_integer("epochs", 15, "Epochs of distillation.")
     flags.DEFINE_integer("teacher_epochs", 15, "Epochs of teacher training.")
-    flags.DEFINE_enum("optimizer", "adam", list(training.OPTIMIZERS), "Optimiser.")
+    flags.DEFINE_enum("optimizer", "adam", list(choices.OPTIMIZERS), "Optimiser.")
     flags.DEFINE_float("lr", 3e-3, "Learning rate.")
     flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
     flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay.")
-    flags.DEFINE_enum("schedule", "constant", list(training.SCHEDULES), "Learning-rate schedule.")
+    flags.DEFINE_enum("schedule", "constant", list(choices.SCHEDULES), "Learning-rate schedule.")
     flags.DEFINE_list("decay_at", ["0.5", "0.75"], "Where a piecewise schedule decays, as "
                       "fractions of each phase's epochs (0.5,0.75 of 200 = epochs 100, 150).")
     flags.DEFINE_float("decay_factor", 0.1, "Piecewise decay factor.")
@@ -285,7 +282,7 @@ def define_flags():
                         'variants, {"ardir-half": "ardir@ir_weight=0.5", "ardir-mse": '
                         '{"method": "ardir", "distance": "mse"}}, usable in --study_methods.')
     # Export.
-    flags.DEFINE_integer("opset", artifacts.DEFAULT_OPSET, "ONNX opset of the export.")
+    flags.DEFINE_integer("opset", choices.DEFAULT_OPSET, "ONNX opset of the export.")
     flags.DEFINE_integer("parity_examples", 256, "Test images (and as many PGD images) "
                          "the export's parity checks run on.")
     flags.DEFINE_list("quantize", [], "Smaller ONNX files --mode=export also writes, each "
@@ -305,16 +302,14 @@ def define_flags():
     _check("eval_steps", lambda v: v >= 1, "must be >= 1")
     _check("eval_examples", lambda v: v >= 0, "must be >= 0 (0: all)")
     _check("sanity_examples", lambda v: v >= 0, "must be >= 0 (0: skip the checks)")
-    _check("attacks", lambda v: bool(v) and set(v) <= set(evaluate.SUITES),
-           f"must be one or more of {', '.join(evaluate.SUITES)}, comma-separated")
+    _check("attacks", lambda v: bool(v) and set(v) <= set(choices.ATTACK_SUITES),
+           f"must be one or more of {', '.join(choices.ATTACK_SUITES)}, comma-separated")
     _check("alpha", lambda v: v is None or 0 <= v <= 1, "must be in [0, 1]")
     _check("temperature", lambda v: v > 0, "must be > 0")
     _check("ir_weight", lambda v: v >= 0, "must be >= 0")
     _check("trades_beta", lambda v: v >= 0, "must be >= 0")
     _check("lr", lambda v: v > 0, "must be > 0")
-    _check("opset", lambda v: artifacts.MIN_OPSET <= v <= artifacts.max_opset(),
-           f"must be from {artifacts.MIN_OPSET} to {artifacts.max_opset()} (the opsets the "
-           "installed tf2onnx writes)")
+    flags.register_validator("opset", _valid_opset)
     _check("parity_examples", lambda v: v >= 1, "must be >= 1")
     _check("quantize", lambda v: set(v) <= {"int8", "float16"},
            "must be int8, float16 or both, comma-separated")
@@ -335,10 +330,10 @@ def define_flags():
     _check("natural_epochs", lambda v: v >= 0, "must be >= 0 (0: no baseline)")
     _check("teacher_width", lambda v: v >= 1, "must be >= 1")
     _check("student_width", lambda v: v >= 1, "must be >= 1")
-    _check("dataset", _valid_dataset, f"must be one of {', '.join(data.NAMES)} "
+    _check("dataset", _valid_dataset, f"must be one of {', '.join(choices.DATASETS)} "
            "(npz:PATH naming an existing file)")
     _check("teacher", lambda v: v is None or (v.endswith((".keras", ".onnx")) and os.path.isfile(v))
-           or teachers.is_saved_model(v),
+           or _is_saved_model(v),
            "must name an existing .keras file, SavedModel directory (holding saved_model.pb) "
            "or .onnx file")
     _check("teacher_input_scale", lambda v: v > 0, "must be > 0")
@@ -449,12 +444,27 @@ def _is_fraction(text):
 
 
 def _valid_dataset(name):
-    from ardir_tf import data
-    try:
-        data.check_name(name)
-        return True
-    except data.DataError:
-        return False
+    """As data.check_name, without importing TensorFlow (the validator runs on
+    every command line)."""
+    if name.startswith("npz:"):
+        return os.path.isfile(name[4:])
+    return name in choices.DATASETS[:-1]
+
+
+def _is_saved_model(path):
+    from ardir_tf.file_teachers import is_saved_model
+    return is_saved_model(path)
+
+
+def _valid_opset(value):
+    if value == choices.DEFAULT_OPSET:  # every tf2onnx requirements.txt allows writes it
+        return True                     # (tests/test_flags.py): no tf2onnx import needed
+    from export import artifacts
+    if not artifacts.MIN_OPSET <= value <= artifacts.max_opset():
+        raise flags.ValidationError(
+            f"--opset: must be from {artifacts.MIN_OPSET} to {artifacts.max_opset()} (the "
+            "opsets the installed tf2onnx writes)")
+    return True
 
 
 # What --mode=evaluate and --mode=export take from the run's flags.json unless

@@ -19,6 +19,23 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+def _share_the_cores(environ, cores, workers):
+    """Each of pytest-xdist's `workers` (and every main.py it starts, which
+    inherits the environment) gets its share of the `cores` as TensorFlow
+    intra-op threads, unless TF_NUM_INTRAOP_THREADS is set already: two workers
+    whose ops each start one thread per core on two cores spend the difference
+    switching between them (the whole suite on 2 cores: 5m45s with one thread
+    each, 6m06s without, docs/development.md). Numbers may differ in the last
+    bits between thread counts; no test compares across processes with
+    different counts."""
+    if workers > 1:
+        environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, cores // workers)))
+
+
+_share_the_cores(os.environ, len(os.sched_getaffinity(0)),
+                 int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
