@@ -99,7 +99,7 @@ def test_sanity_checks_pass_on_an_honest_model(natural_report):
 @pytest.mark.slow
 def test_masked_gradients_make_the_checks_fire(trained, digits):
     masked = Quantised(trained["natural"])
-    r = evaluate.evaluate(masked, digits_ds(digits, 200), 0.15, attacks="fast", verbose=0)
+    r = evaluate.evaluate(masked, digits_ds(digits, 100), 0.15, attacks="fast", verbose=0)
     checks = r["sanity_checks"]
     # PGD sees a zero gradient and calls the model robust; Square does not.
     assert r["robust_accuracy"]["pgd20"] > 0.8, r["robust_accuracy"]
