@@ -37,6 +37,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import time
 
 from ardir_tf import losses, precision, training
@@ -232,6 +233,35 @@ def _row(method, seed, workdir):
             "verified": bool(report.get("verified"))}
 
 
+def cell_seconds(workdir):
+    """Seconds a finished cell took: its training (cell.json) and its evaluation
+    (metrics.json), as recorded; None when either is missing."""
+    try:
+        training_s = workdir.read_json(CELL, {}).get("seconds")
+        evaluation_s = (workdir.read_json("metrics.json") or {}).get("student", {}).get("seconds")
+    except ValueError:
+        return None
+    if training_s is None or evaluation_s is None:
+        return None
+    return training_s + evaluation_s
+
+
+def _duration(seconds):
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _remaining(spent, cells_left):
+    """'; about 4 h 10 min left, ...' from the finished cells' seconds (`spent`):
+    their median, which a cell slowed by other work on the machine moves less
+    than the mean."""
+    if not spent:
+        return ""
+    each = statistics.median(spent)
+    return (f"; about {_duration(each * cells_left)} left ({len(spent)} finished "
+            f"cell{'s' if len(spent) > 1 else ''}: {_duration(each)} each, the median)")
+
+
 def finished(workdir, evaluation=None):
     """Whether a cell is trained and evaluated with `evaluation` (a dict naming
     the attacks and examples; see `run`): it is then never run again."""
@@ -269,7 +299,7 @@ def run(root, methods, seeds, *, settings, train, evaluate, epochs, evaluation=N
     """
     log = log or (lambda message: None)
     cells = grid(methods, seeds)
-    rows = []
+    rows, spent = [], []  # spent: the finished cells' seconds, for the time left
     for i, (method, seed) in enumerate(cells, 1):
         workdir = cell_workdir(root, method, seed)
         wanted = settings(method, seed)
@@ -285,7 +315,8 @@ def run(root, methods, seeds, *, settings, train, evaluate, epochs, evaluation=N
         if finished(workdir, evaluation):
             log(f"{where}: finished earlier, reused")
         else:
-            log(f"{where}: {len(cells) - i} more after it, in {workdir.root}")
+            log(f"{where}: {len(cells) - i} more after it, in {workdir.root}"
+                f"{_remaining(spent, len(cells) - i + 1)}")
             timing = workdir.read_json(CELL, {"seconds": 0.0, "epochs": 0})
             timing.pop("evaluation", None)  # until the new one is written
             workdir.write_json(CELL, timing)
@@ -302,6 +333,8 @@ def run(root, methods, seeds, *, settings, train, evaluate, epochs, evaluation=N
             workdir.write_json(CELL, dict(timing, evaluation=evaluation))
             shutil.rmtree(partial, ignore_errors=True)
         row = _row(method, seed, workdir)
+        if cell_seconds(workdir) is not None:
+            spent.append(cell_seconds(workdir))
         log(f"{where}: clean {row['clean_accuracy']:.4f}, worst case "
             f"{row['worst_case_accuracy']:.4f}")
         rows.append(row)

@@ -223,3 +223,28 @@ def test_the_grid_runs_each_cell_once_and_reevaluates_on_a_new_evaluation(tmp_pa
     assert (tmp_path / "study.csv").read_text().splitlines()[0] == \
         "method,seed,clean_accuracy,pgd20,apgd_ce,worst_case_accuracy,seconds_per_epoch,reliable," \
         "verified"
+
+
+def test_a_cell_that_starts_says_how_long_the_rest_will_take(tmp_path):
+    """From the finished cells' recorded training and evaluation seconds (the
+    fake training takes about none, each evaluation reports 10 minutes)."""
+    methods = [study.parse_method("ard"), study.parse_method("ardir")]
+    cells = FakeCells()
+
+    def evaluate(model, resume_dir):
+        return dict(cells.evaluate(model, resume_dir), seconds=600.0)
+
+    def run(seeds, log):
+        study.run(tmp_path, methods, list(seeds), settings=lambda m, s: {"m": m.name, "s": s},
+                  train=cells.train, evaluate=evaluate, epochs=3,
+                  evaluation={"attacks": ["fast"]}, log=log)
+
+    first = []
+    run((0,), first.append)
+    assert first[0] == f"cell 1 of 2 (ard, seed 0): 1 more after it, in " \
+                       f"{tmp_path / 'cells' / 'ard-seed0'}"  # nothing to go by yet
+    assert first[2].endswith("; about 10 min left (1 finished cell: 10 min each, the median)"), first
+    later = []
+    run((0, 1, 2, 3, 4, 5, 6, 7), later.append)  # 2 finished, 14 to go
+    assert later[4].startswith("cell 3 of 16 (ard, seed 1): 13 more after it")
+    assert later[4].endswith("; about 2 h 20 min left (2 finished cells: 10 min each, the median)"), later
