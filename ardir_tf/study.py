@@ -211,26 +211,58 @@ def cell_workdir(root, method, seed):
 
 
 # What a cell holds beside an ordinary run's files: its evaluation under
-# metrics.json's "student", and in cell.json the training time and which
-# evaluation that is (written last: the cell is finished when it matches the
-# study's evaluation).
+# metrics.json's "student", and in cell.json the training time, the method's
+# name and the seed, and which evaluation that is (written last: the cell is
+# finished when it matches the study's evaluation).
 CELL = "cell.json"
 # Where a cell's evaluation keeps its finished attacks until its report is written.
 PARTIAL = "evaluation-partial"
 
 
-def _row(method, seed, workdir):
+def _row(name, seed, workdir):
     report = workdir.read_json("metrics.json")["student"]
     timing = workdir.read_json(CELL, {})
     epochs = timing.get("epochs") or 0
     order = report.get("attack_order") or list(report["robust_accuracy"])
-    return {"method": method.name, "seed": seed,
+    return {"method": name, "seed": seed,
             "clean_accuracy": report["clean_accuracy"],
             "worst_case_accuracy": report["worst_case_accuracy"],
             "robust_accuracy": {a: report["robust_accuracy"][a] for a in order},
             "seconds_per_epoch": round(timing["seconds"] / epochs, 3) if epochs else None,
             "reliable": report.get("reliable"),
             "verified": bool(report.get("verified"))}
+
+
+def finished_rows(root):
+    """The rows of the finished cells in the study directory `root`, as `run`
+    returns them, without training or evaluating anything: a study in progress,
+    or stopped, read as it stands. Ordered by seed, then method name (from the
+    cell's cell.json; for cells written before it recorded them, `study_method`
+    and `seed` in the cell's flags.json, as main.py writes them). Raises StudyError
+    when two finished cells were evaluated differently (the study's command
+    evaluates them alike again)."""
+    rows, evaluations = [], {}
+    cells = os.path.join(root, "cells")
+    for name in sorted(os.listdir(cells)) if os.path.isdir(cells) else []:
+        workdir = Workdir(os.path.join(cells, name))
+        try:
+            cell = workdir.read_json(CELL, {})
+            saved = workdir.read_json(Workdir.SETTINGS) or {}
+        except ValueError:
+            continue  # a cell being written; it is not finished
+        method = cell.get("method", saved.get("study_method"))
+        seed = cell.get("seed", saved.get("seed"))
+        evaluation = cell.get("evaluation")
+        if method is None or seed is None or not evaluation or \
+                not finished(workdir, evaluation):
+            continue
+        evaluations[json.dumps(evaluation, sort_keys=True)] = name
+        rows.append(_row(method, seed, workdir))
+    if len(evaluations) > 1:
+        raise StudyError(f"the finished cells of {root} were evaluated in "
+                         f"{len(evaluations)} ways (e.g. {' and '.join(evaluations.values())}); "
+                         "run the study's command again to evaluate them alike")
+    return sorted(rows, key=lambda r: (r["seed"], r["method"]))
 
 
 def cell_seconds(workdir):
@@ -330,9 +362,10 @@ def run(root, methods, seeds, *, settings, train, evaluate, epochs, evaluation=N
                 workdir.write_json(CELL, timing)
             partial = workdir.path(PARTIAL)
             workdir.write_json("metrics.json", {"student": evaluate(model, partial)})
-            workdir.write_json(CELL, dict(timing, evaluation=evaluation))
+            workdir.write_json(CELL, dict(timing, evaluation=evaluation, method=method.name,
+                                          seed=seed))
             shutil.rmtree(partial, ignore_errors=True)
-        row = _row(method, seed, workdir)
+        row = _row(method.name, seed, workdir)
         if cell_seconds(workdir) is not None:
             spent.append(cell_seconds(workdir))
         log(f"{where}: clean {row['clean_accuracy']:.4f}, worst case "

@@ -205,6 +205,8 @@ def test_the_grid_runs_each_cell_once_and_reevaluates_on_a_new_evaluation(tmp_pa
         ("ard", 0, 0.5), ("ardir", 0, 0.55), ("ard", 1, 0.6), ("ardir", 1, 0.65)]
     assert list(rows[0]["robust_accuracy"]) == ["pgd20", "apgd_ce"]  # the attacks' order
     assert rows[0]["seconds_per_epoch"] is not None
+    # The finished cells read back from the directory alone, in seed order.
+    assert study.finished_rows(tmp_path) == rows
     cells.trained.clear(), cells.evaluated.clear()
     assert run({"attacks": ["fast"]}) == rows and not cells.trained and not cells.evaluated
     # A third seed trains only its own cells.
@@ -214,6 +216,12 @@ def test_the_grid_runs_each_cell_once_and_reevaluates_on_a_new_evaluation(tmp_pa
     cells.trained.clear(), cells.evaluated.clear()
     run({"attacks": ["fast", "standard"]}, seeds=(0, 1, 2))
     assert len(cells.evaluated) == 6 and not cells.trained
+    # A cell evaluated otherwise than the rest (as when a re-evaluation stopped
+    # half-way) is not mixed into the rows read back.
+    cell = tmp_path / "cells" / "ard-seed1" / study.CELL
+    cell.write_text(cell.read_text().replace('"standard"', '"fast"'))
+    with pytest.raises(study.StudyError, match="evaluated in 2 ways"):
+        study.finished_rows(tmp_path)
     # A cell directory holding another run's settings is refused.
     with pytest.raises(study.StudyError, match="ard seed 0 trained with other settings "
                                                r"\(lr differ\)"):
@@ -248,3 +256,27 @@ def test_a_cell_that_starts_says_how_long_the_rest_will_take(tmp_path):
     run((0, 1, 2, 3, 4, 5, 6, 7), later.append)  # 2 finished, 14 to go
     assert later[4].startswith("cell 3 of 16 (ard, seed 1): 13 more after it")
     assert later[4].endswith("; about 2 h 20 min left (2 finished cells: 10 min each, the median)"), later
+
+
+def test_a_committed_study_reads_back_as_its_report():
+    """docs/studies/mnist-width8: cells written before cell.json named their
+    method, read through the cells' flags.json, give the rows of its study.json."""
+    root = pathlib.Path(__file__).resolve().parent.parent / "docs" / "studies" / "mnist-width8"
+    saved = json.loads((root / "study.json").read_text())["rows"]
+    key = lambda r: (r["seed"], r["method"])  # noqa: E731
+    assert study.finished_rows(root) == sorted(saved, key=key)
+
+
+def test_the_study_tables_script_prints_the_committed_studys_summary(monkeypatch, capsys):
+    import runpy
+    root = pathlib.Path(__file__).resolve().parent.parent
+    study_dir = root / "docs" / "studies" / "mnist-width8"
+    monkeypatch.setattr("sys.argv", ["study_tables.py", f"--study={study_dir}",
+                                     "--methods=pgd_at,ard,ardir", "--reference=ard"])
+    runpy.run_path(str(root / "tests" / "benchmarks" / "study_tables.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    saved = json.loads((study_dir / "study.json").read_text())["summary"]  # reference ard
+    p = saved["paired"]["ardir"]
+    assert f"| `ardir` | 5 | " in out and \
+        f"{p['mean']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] contains 0 |" in out, out
+    assert "| `ard`, seed 3 | 0.963 | 0.802 | 0.786 | 0.743 | 0.0% (0 of 362) | 0.732 |" in out
