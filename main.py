@@ -14,6 +14,7 @@ Reads as the run goes: strategy -> data -> models -> trainer -> fit -> evaluate
 import functools
 import os
 import platform
+import re
 import sys
 import tempfile
 
@@ -56,11 +57,17 @@ def _import_tensorflow_quietly():
         os.close(devnull)
 
 
-# --help and its kind print while absl parses the command line, before any
-# validator runs: the flags' definitions import no TensorFlow, so help is at once.
-HELP = ("--help", "-help", "--helpshort", "-helpshort", "--helpfull", "-helpfull",
-        "--helpxml", "-helpxml", "-?")
-if not set(sys.argv[1:]) & set(HELP):
+def asks_for_help(argv):
+    """Whether absl will print help for `argv` (--help, --helpfull=true, -?, ...,
+    before a "--"). Help prints while absl parses the command line, before any
+    validator runs, and defining the flags imports no TensorFlow: help is at
+    once. (One given inside a --flagfile is missed: it prints after the import.)"""
+    args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    return any(re.fullmatch(r"--?(help|helpshort|helpfull|helpxml)(=(true|1))?|-\?", a)
+               for a in args)
+
+
+if not asks_for_help(sys.argv):
     _import_tensorflow_quietly()
 
 from absl import app  # noqa: E402

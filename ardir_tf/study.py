@@ -233,15 +233,44 @@ def _row(name, seed, workdir):
             "verified": bool(report.get("verified"))}
 
 
-def finished_rows(root):
+def finished_rows(root, evaluation=None):
     """The rows of the finished cells in the study directory `root`, as `run`
     returns them, without training or evaluating anything: a study in progress,
     or stopped, read as it stands. Ordered by seed, then method name (from the
     cell's cell.json; for cells written before it recorded them, `study_method`
-    and `seed` in the cell's flags.json, as main.py writes them). Raises StudyError
-    when two finished cells were evaluated differently (the study's command
-    evaluates them alike again)."""
-    rows, evaluations = [], {}
+    and `seed` in the cell's flags.json, as main.py writes them).
+
+    evaluation: only the cells evaluated so (`run`'s argument, as cell.json
+      records it); None: every finished cell, and StudyError when two were
+      evaluated differently (a re-evaluation under way: `evaluations(root)`
+      says which there are).
+    """
+    found = _finished_cells(root)
+    if evaluation is None:
+        if len(evaluations(root)) > 1:
+            raise StudyError(f"the finished cells of {root} were evaluated in "
+                             f"{len(evaluations(root))} ways; pass one of study.evaluations() "
+                             "or run the study's command again to evaluate them alike")
+        chosen = found
+    else:
+        chosen = [c for c in found if c[3] == evaluation]
+    rows = [_row(method, seed, workdir) for workdir, method, seed, _ in chosen]
+    return sorted(rows, key=lambda r: (r["seed"], r["method"]))
+
+
+def evaluations(root):
+    """The evaluations the finished cells of `root` had, most cells first, as
+    [(evaluation, number of cells)]."""
+    counts = {}
+    for *_, evaluation in _finished_cells(root):
+        key = json.dumps(evaluation, sort_keys=True)
+        counts[key] = counts.get(key, 0) + 1
+    return [(json.loads(k), n) for k, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+
+
+def _finished_cells(root):
+    """[(workdir, method name, seed, evaluation)] of root's finished cells."""
+    out = []
     cells = os.path.join(root, "cells")
     for name in sorted(os.listdir(cells)) if os.path.isdir(cells) else []:
         workdir = Workdir(os.path.join(cells, name))
@@ -252,22 +281,16 @@ def finished_rows(root):
             continue  # a cell being written; it is not finished
         method = cell.get("method", saved.get("study_method"))
         seed = cell.get("seed", saved.get("seed"))
-        evaluation = cell.get("evaluation")
-        if method is None or seed is None or not evaluation or \
-                not finished(workdir, evaluation):
+        if method is None or seed is None or "evaluation" not in cell or \
+                not finished(workdir, cell["evaluation"]):
             continue
-        evaluations[json.dumps(evaluation, sort_keys=True)] = name
-        rows.append(_row(method, seed, workdir))
-    if len(evaluations) > 1:
-        raise StudyError(f"the finished cells of {root} were evaluated in "
-                         f"{len(evaluations)} ways (e.g. {' and '.join(evaluations.values())}); "
-                         "run the study's command again to evaluate them alike")
-    return sorted(rows, key=lambda r: (r["seed"], r["method"]))
+        out.append((workdir, method, seed, cell["evaluation"]))
+    return out
 
 
 def cell_seconds(workdir):
-    """Seconds a finished cell took: its training (cell.json) and its evaluation
-    (metrics.json), as recorded; None when either is missing."""
+    """(training, evaluation) seconds a finished cell took, as its cell.json and
+    metrics.json recorded them; None when either is missing."""
     try:
         training_s = workdir.read_json(CELL, {}).get("seconds")
         evaluation_s = (workdir.read_json("metrics.json") or {}).get("student", {}).get("seconds")
@@ -275,7 +298,7 @@ def cell_seconds(workdir):
         return None
     if training_s is None or evaluation_s is None:
         return None
-    return training_s + evaluation_s
+    return training_s, evaluation_s
 
 
 def _duration(seconds):
@@ -283,15 +306,19 @@ def _duration(seconds):
     return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-def _remaining(spent, cells_left):
-    """'; about 4 h 10 min left, ...' from the finished cells' seconds (`spent`):
-    their median, which a cell slowed by other work on the machine moves less
-    than the mean."""
+def _time_left(spent, todo):
+    """'; about 4 h 10 min left (...)' for the cells `todo` [(workdir, whether it
+    is trained)] from the finished cells' (training, evaluation) seconds
+    (`spent`), by their medians: a cell slowed by other work on the machine
+    moves a median less than a mean. A trained cell costs only its evaluation."""
     if not spent:
         return ""
-    each = statistics.median(spent)
-    return (f"; about {_duration(each * cells_left)} left ({len(spent)} finished "
-            f"cell{'s' if len(spent) > 1 else ''}: {_duration(each)} each, the median)")
+    train_s = statistics.median(t for t, _ in spent)
+    eval_s = statistics.median(e for _, e in spent)
+    total = sum(eval_s + (0 if trained else train_s) for trained in todo)
+    return (f"; about {_duration(total)} left (median of {len(spent)} finished "
+            f"cell{'s' if len(spent) > 1 else ''}: {_duration(train_s)} training, "
+            f"{_duration(eval_s)} evaluation)")
 
 
 def finished(workdir, evaluation=None):
@@ -331,7 +358,10 @@ def run(root, methods, seeds, *, settings, train, evaluate, epochs, evaluation=N
     """
     log = log or (lambda message: None)
     cells = grid(methods, seeds)
-    rows, spent = [], []  # spent: the finished cells' seconds, for the time left
+    rows = []
+    # The finished cells' (training, evaluation) seconds, for the time left.
+    spent = [cell_seconds(w) for w in (cell_workdir(root, m, s) for m, s in cells)
+             if finished(w, evaluation) and cell_seconds(w) is not None]
     for i, (method, seed) in enumerate(cells, 1):
         workdir = cell_workdir(root, method, seed)
         wanted = settings(method, seed)
@@ -347,8 +377,10 @@ def run(root, methods, seeds, *, settings, train, evaluate, epochs, evaluation=N
         if finished(workdir, evaluation):
             log(f"{where}: finished earlier, reused")
         else:
+            todo = [cell_workdir(root, m, s) for m, s in cells[i - 1:]]
+            todo = [w.exists("student.keras") for w in todo if not finished(w, evaluation)]
             log(f"{where}: {len(cells) - i} more after it, in {workdir.root}"
-                f"{_remaining(spent, len(cells) - i + 1)}")
+                f"{_time_left(spent, todo)}")
             timing = workdir.read_json(CELL, {"seconds": 0.0, "epochs": 0})
             timing.pop("evaluation", None)  # until the new one is written
             workdir.write_json(CELL, timing)
@@ -365,9 +397,9 @@ def run(root, methods, seeds, *, settings, train, evaluate, epochs, evaluation=N
             workdir.write_json(CELL, dict(timing, evaluation=evaluation, method=method.name,
                                           seed=seed))
             shutil.rmtree(partial, ignore_errors=True)
+            if cell_seconds(workdir) is not None:
+                spent.append(cell_seconds(workdir))
         row = _row(method.name, seed, workdir)
-        if cell_seconds(workdir) is not None:
-            spent.append(cell_seconds(workdir))
         log(f"{where}: clean {row['clean_accuracy']:.4f}, worst case "
             f"{row['worst_case_accuracy']:.4f}")
         rows.append(row)

@@ -86,10 +86,12 @@ class Workdir:
              "metrics.json", "logs", "backup", "export", "workers",
              "cells", "study.csv", "study.json", "study.png")  # and a study's
 
-    # Keys of flags.json that say why a setting was chosen without defining the
-    # run (auto's reason names this machine's CPU): settings differing only in
-    # them are the same run.
-    NOTES = ("precision_reason",)
+    # Keys of flags.json that record how the run was asked for without defining
+    # it: why a setting was chosen (auto's reason names this machine's CPU), and
+    # the --workdir as written (None for the default; "runs/x", "./runs/x" and
+    # an absolute path name one directory). Settings differing only in them are
+    # the same run; a resumed run keeps the values it started with.
+    NOTES = ("precision_reason", "workdir")
 
     @classmethod
     def changed_settings(cls, a, b):

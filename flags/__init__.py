@@ -86,7 +86,9 @@ def define_serve_flags():
         return
     # Files and serving.
     flags.DEFINE_string("workdir", None, "Where the run's files go (default with "
-                        "main.py: runs/<mode>-<dataset>-<method>; ardir-serve has none).")
+                        "main.py: runs/distill-<dataset>-<method> for distill, evaluate, "
+                        "export and serve, runs/train_teacher-<dataset>-<teacher_method>, "
+                        "runs/study-<dataset>; ardir-serve has none).")
     flags.DEFINE_string("export_dir", None, "Where --mode=export writes and --mode=serve "
                         "reads (default: <workdir>/export).")
     flags.DEFINE_string("model_name", None, "The exported model's name: its files "

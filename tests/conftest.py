@@ -33,7 +33,8 @@ def _share_the_cores(environ, cores, workers):
         environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, cores // workers)))
 
 
-_share_the_cores(os.environ, len(os.sched_getaffinity(0)),
+_share_the_cores(os.environ, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else os.cpu_count(),
                  int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 import numpy as np  # noqa: E402

@@ -1,6 +1,7 @@
 """The command line's flag definitions: their choices are the library's, and
 defining them (so --help) imports no TensorFlow."""
 
+import json
 import subprocess
 import sys
 
@@ -72,3 +73,21 @@ def test_help_lists_every_flag_without_importing_tensorflow(asks):
                  "--port", "--study_methods"):
         assert f"{flag}:" in run.stdout, flag
     assert "ardir_tf from the command line" in run.stdout
+
+
+def test_what_counts_as_asking_for_help():
+    """main.asks_for_help, in a process that imports main.py without TensorFlow."""
+    cases = {"--help": True, "-help": True, "--helpfull=true": True, "-?": True,
+             "--helpshort=1": True, "--helpxml": True, "--help=false": False,
+             "--mode=distill": False, "--model_name=--help": False}
+    code = ("import json, sys\n"
+            "sys.argv = ['main.py', '--help']\n"
+            "import main\n"
+            f"cases = {list(cases)!r}\n"
+            "out = {c: main.asks_for_help(['main.py', '--seed=1', c]) for c in cases}\n"
+            "out['after --'] = main.asks_for_help(['main.py', '--', '--help'])\n"
+            "print(json.dumps(out))\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert json.loads(run.stdout.splitlines()[-1]) == dict(cases, **{"after --": False}), \
+        run.stderr[-2000:]

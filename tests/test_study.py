@@ -222,6 +222,11 @@ def test_the_grid_runs_each_cell_once_and_reevaluates_on_a_new_evaluation(tmp_pa
     cell.write_text(cell.read_text().replace('"standard"', '"fast"'))
     with pytest.raises(study.StudyError, match="evaluated in 2 ways"):
         study.finished_rows(tmp_path)
+    assert study.evaluations(tmp_path) == [({"attacks": ["fast", "standard"]}, 5),
+                                           ({"attacks": ["fast", "fast"]}, 1)]
+    kept = study.finished_rows(tmp_path, {"attacks": ["fast", "standard"]})
+    assert [(r["method"], r["seed"]) for r in kept] == [
+        ("ard", 0), ("ardir", 0), ("ardir", 1), ("ard", 2), ("ardir", 2)]
     # A cell directory holding another run's settings is refused.
     with pytest.raises(study.StudyError, match="ard seed 0 trained with other settings "
                                                r"\(lr differ\)"):
@@ -234,8 +239,9 @@ def test_the_grid_runs_each_cell_once_and_reevaluates_on_a_new_evaluation(tmp_pa
 
 
 def test_a_cell_that_starts_says_how_long_the_rest_will_take(tmp_path):
-    """From the finished cells' recorded training and evaluation seconds (the
-    fake training takes about none, each evaluation reports 10 minutes)."""
+    """From the finished cells' recorded training and evaluation seconds (each
+    evaluation reports 10 minutes; the training times are set to 20 minutes),
+    over the cells that will run: not the finished ones further on."""
     methods = [study.parse_method("ard"), study.parse_method("ardir")]
     cells = FakeCells()
 
@@ -248,14 +254,21 @@ def test_a_cell_that_starts_says_how_long_the_rest_will_take(tmp_path):
                   evaluation={"attacks": ["fast"]}, log=log)
 
     first = []
-    run((0,), first.append)
-    assert first[0] == f"cell 1 of 2 (ard, seed 0): 1 more after it, in " \
+    run((0, 2), first.append)
+    assert first[0] == f"cell 1 of 4 (ard, seed 0): 3 more after it, in " \
                        f"{tmp_path / 'cells' / 'ard-seed0'}"  # nothing to go by yet
-    assert first[2].endswith("; about 10 min left (1 finished cell: 10 min each, the median)"), first
+    for cell in (tmp_path / "cells").iterdir():
+        timing = json.loads((cell / study.CELL).read_text())
+        (cell / study.CELL).write_text(json.dumps(dict(timing, seconds=1200.0)))
     later = []
-    run((0, 1, 2, 3, 4, 5, 6, 7), later.append)  # 2 finished, 14 to go
-    assert later[4].startswith("cell 3 of 16 (ard, seed 1): 13 more after it")
-    assert later[4].endswith("; about 2 h 20 min left (2 finished cells: 10 min each, the median)"), later
+    run((0, 1, 2), later.append)  # seed 2's cells are finished: two cells to go
+    assert later[4] == f"cell 3 of 6 (ard, seed 1): 3 more after it, in " \
+        f"{tmp_path / 'cells' / 'ard-seed1'}; about 1 h 00 min left (median of 4 finished " \
+        "cells: 20 min training, 10 min evaluation)", later
+    # A trained cell still to be evaluated costs only its evaluation.
+    assert study._time_left([(1200, 600)] * 3, [True, False, False]).startswith(
+        "; about 1 h 10 min left")
+    assert study._time_left([], [False]) == ""
 
 
 def test_a_committed_study_reads_back_as_its_report():
@@ -280,3 +293,12 @@ def test_the_study_tables_script_prints_the_committed_studys_summary(monkeypatch
     assert f"| `ardir` | 5 | " in out and \
         f"{p['mean']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] contains 0 |" in out, out
     assert "| `ard`, seed 3 | 0.963 | 0.802 | 0.786 | 0.743 | 0.0% (0 of 362) | 0.732 |" in out
+
+
+def test_a_study_run_without_an_evaluation_name_reads_back(tmp_path):
+    """run(evaluation=None), the library's default, records it as null."""
+    cells = FakeCells()
+    rows = study.run(tmp_path, [study.parse_method("ard")], [0, 1],
+                     settings=lambda m, s: {"m": m.name, "s": s}, train=cells.train,
+                     evaluate=cells.evaluate, epochs=3)
+    assert study.finished_rows(tmp_path) == rows and len(rows) == 2

@@ -24,6 +24,18 @@ def test_claim_resume_and_refuse(tmp_path):
     assert json.loads((tmp_path / "run" / "flags.json").read_text()) == {"eps": 0.2}
 
 
+def test_the_same_directory_named_another_way_is_the_same_run(tmp_path):
+    """flags.json records --workdir as written (None: the default); giving the
+    same directory by name, or another spelling of it, resumes the run."""
+    wd = Workdir(tmp_path / "run")
+    assert wd.claim({"eps": 0.1, "workdir": None}) is False
+    assert wd.claim({"eps": 0.1, "workdir": str(tmp_path / "run")}) is True
+    assert wd.claim({"eps": 0.1, "workdir": "./run"}) is True
+    assert json.loads((tmp_path / "run" / "flags.json").read_text())["workdir"] is None
+    with pytest.raises(WorkdirError, match="--eps was 0.1, now 0.2"):
+        wd.claim({"eps": 0.2, "workdir": None})
+
+
 def test_a_directory_that_is_not_a_run_is_refused(tmp_path):
     (tmp_path / "paper.tex").write_text("x")
     for overwrite in (False, True):
