@@ -426,12 +426,15 @@ def evaluate_and_report(workdir, data, trained):
     if not CHIEF:
         return
     metrics = workdir.read_json("metrics.json", {})
+    evaluation = cli.evaluation()
     for name, result in reports.items():
         stored = metrics.get(name)
         if stored and (stored["eps"], stored["norm"]) != (result["eps"], result["norm"]):
             # Another threat model: kept beside the run's own numbers, not over them.
             name = f"{name}@{result['norm']}-{result['eps']:g}"
-        metrics[name] = result
+        elif stored:
+            replaced_evaluation(workdir, name, stored, evaluation)
+        metrics[name] = dict(result, evaluation=evaluation)
     for name, entry in unattacked.items():
         metrics[name] = entry
     if FLAGS.teacher and "teacher" in metrics and "teacher_check" in BUILT:
@@ -444,7 +447,35 @@ def evaluate_and_report(workdir, data, trained):
         say(line)
 
 
+def replaced_evaluation(workdir, name, stored, evaluation):
+    """Says when a model's evaluation is replaced by one with other settings; for
+    a study cell's student, cell.json then records the new evaluation, so that
+    the study evaluates the cell again as its other cells instead of mixing
+    this one into its table."""
+    cell = workdir.read_json("cell.json", {}) if name == "student" else {}
+    before = cell.get("evaluation") or stored.get("evaluation")
+    if not before or before == evaluation:
+        return
+    changed = ", ".join(f"--{cli.EVALUATION_FLAGS[k]} {before.get(k)} -> {evaluation[k]}"
+                        for k in evaluation if before.get(k) != evaluation[k])
+    say(f"[evaluate] {name}: replaces an evaluation made otherwise ({changed})"
+        + ("; the study will evaluate this cell again" if cell else ""))
+    if cell:
+        workdir.write_json("cell.json", dict(cell, evaluation=evaluation))
+
+
 # --- modes ------------------------------------------------------------------
+
+def recorded_evaluation(workdir):
+    """The settings of the run's last evaluation: a study cell's cell.json (the
+    study's evaluation), else the student's (or another model's) report."""
+    cell = workdir.read_json("cell.json", {}).get("evaluation")
+    if cell:
+        return cell
+    metrics = workdir.read_json("metrics.json", {})
+    return next((metrics[n]["evaluation"] for n in ("student", "teacher", "natural")
+                 if "evaluation" in metrics.get(n, {})), None)
+
 
 def evaluate_model(model, data, resume_dir=None):
     """The evaluation the flags ask for (every model of a run, every cell of a
@@ -471,10 +502,7 @@ def study(workdir, data):
     teacher = teacher_model(workdir, data)
     teacher_path = FLAGS.teacher or workdir.path("teacher.keras")
     methods, seeds = cli.study_methods(), list(range(FLAGS.study_seeds))
-    evaluation = dict(attacks=FLAGS.attacks, eval_steps=FLAGS.eval_steps,
-                      eval_examples=FLAGS.eval_examples, sequential=FLAGS.sequential_attacks,
-                      sanity_examples=FLAGS.sanity_examples, seed=FLAGS.seed,
-                      verify_unreliable=FLAGS.verify_unreliable)
+    evaluation = cli.evaluation()
     known = workdir.read_json("metrics.json", {}).get("teacher", {})
     if isinstance(teacher, keras.Model) and known.get("study_evaluation") != evaluation:
         say("[teacher] evaluating it as every cell will be evaluated")
@@ -691,12 +719,8 @@ def main(argv):
             fail(f"no run in {workdir.root} (no flags.json); train first, or point "
                  "--workdir at a run")
         cli.adopt_run_settings(saved)
-        # A study cell's flags.json leaves out the study's evaluation (a study
-        # re-evaluates its cells when it changes); its cell.json records it.
-        evaluation = workdir.read_json("cell.json", {}).get("evaluation") or {}
-        if "eval_steps" not in saved and "eval_steps" in evaluation and \
-                not absl_flags.FLAGS["eval_steps"].present:
-            FLAGS.eval_steps = evaluation["eval_steps"]
+        if FLAGS.mode == "evaluate":  # the run's own evaluation, unless told otherwise
+            cli.adopt_evaluation(recorded_evaluation(workdir))
     resumed_precision = False
     if FLAGS.mode in TRAINING:  # a resumed run keeps its precision (claim() checks the rest)
         try:

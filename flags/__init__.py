@@ -486,6 +486,31 @@ def adopt_run_settings(saved):
             FLAGS[name].value = saved[name]
 
 
+# An evaluation's settings, as its record names them (a study's cell.json, a
+# report's "evaluation" in metrics.json), and their flags.
+EVALUATION_FLAGS = {"attacks": "attacks", "eval_steps": "eval_steps",
+                    "eval_examples": "eval_examples", "sequential": "sequential_attacks",
+                    "sanity_examples": "sanity_examples", "seed": "seed",
+                    "verify_unreliable": "verify_unreliable"}
+
+
+def evaluation():
+    """The evaluation the flags ask for, as its record names it."""
+    return {key: FLAGS[flag].value for key, flag in EVALUATION_FLAGS.items()}
+
+
+def adopt_evaluation(recorded):
+    """Sets the evaluation flags not given on the command line to `recorded`'s
+    (an earlier evaluation of the run): --mode=evaluate repeats the run's own
+    evaluation unless told otherwise. Returns the flags it set."""
+    adopted = []
+    for key, flag in EVALUATION_FLAGS.items():
+        if key in (recorded or {}) and not FLAGS[flag].present:
+            FLAGS[flag].value = recorded[key]
+            adopted.append(flag)
+    return adopted
+
+
 def teacher_options(defaults=False):
     """The SavedModel/ONNX --teacher options as teachers.load's keyword arguments
     (`defaults`: as they are when none is given)."""

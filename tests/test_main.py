@@ -160,13 +160,21 @@ def test_evaluate_mode_reports_every_attack_and_keeps_other_eps_apart(digits_run
     assert "[evaluate] student:" in proc.stdout and "[evaluate] teacher" not in proc.stdout
     png = workdir / "robustness-linf-0.15.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
-    # Another eps is stored beside the run's own entry, not over it.
+    # The report records its evaluation's settings, which the next --mode=evaluate
+    # repeats unless told otherwise.
+    assert student["evaluation"] == {"attacks": ["fast", "standard"], "eval_steps": 3,
+                                     "eval_examples": 32, "sequential": True,
+                                     "sanity_examples": 32, "seed": 0,
+                                     "verify_unreliable": True}
+    # Another eps is stored beside the run's own entry, not over it. Given: the
+    # attacks, and smoke.cfg's PGD-2 and 64 images; kept: the sequential rule.
     before = metrics(workdir)["student"]
-    # Without --eval_steps the run's own (smoke.cfg's PGD-2) is kept, not the default 20.
-    ok(run("--mode=evaluate", f"--workdir={workdir}", "--eps=0.05"))
+    ok(run("--mode=evaluate", f"--workdir={workdir}", "--eps=0.05", "--attacks=fast"))
     after = metrics(workdir)
     assert after["student"] == before and after["student@linf-0.05"]["eps"] == 0.05
-    assert "pgd2" in after["student@linf-0.05"]["robust_accuracy"]
+    other = after["student@linf-0.05"]
+    assert other["attack_order"] == ["fgsm", "pgd2", "cw_linf"] and other["sequential"]
+    assert other["evaluation"]["sequential"] and other["evaluation"]["eval_examples"] == 64
     # --mode=export on a run: tests/test_export.py (exported_run).
 
 
@@ -310,12 +318,19 @@ def test_a_killed_study_trains_only_its_missing_cells(tmp_path):
     cell = json.loads((tmp_path / "cells" / "ardir-seed1" / "flags.json").read_text())
     assert (cell["method"], cell["seed"], cell["teacher"]) == \
         ("ardir", 1, str(tmp_path / "teacher.keras"))
-    # --mode=evaluate on a cell keeps the study's evaluation attack (smoke.cfg's
-    # PGD-2, recorded in cell.json), not the --eval_steps default of 20.
-    ok(run("--mode=evaluate", f"--workdir={tmp_path / 'cells' / 'ardir-seed1'}",
-           "--eps=0.1", "--eval_examples=16"))
-    assert "pgd2" in metrics(tmp_path / "cells" / "ardir-seed1")["student@linf-0.1"][
-        "robust_accuracy"]
+    # --mode=evaluate on a cell repeats the study's evaluation (cell.json) unless
+    # told otherwise; 16 images instead of the study's 64 replace the cell's
+    # evaluation, so cell.json says so and the study will evaluate it again
+    # instead of mixing it into its table.
+    cell_dir = tmp_path / "cells" / "ardir-seed1"
+    study_evaluation = json.loads((cell_dir / "cell.json").read_text())["evaluation"]
+    proc = ok(run("--mode=evaluate", f"--workdir={cell_dir}", "--eval_examples=16"))
+    student = metrics(cell_dir)["student"]
+    assert "pgd2" in student["robust_accuracy"] and student["n_examples"] == 16
+    assert "[evaluate] student: replaces an evaluation made otherwise (--eval_examples 64 " \
+           "-> 16); the study will evaluate this cell again" in proc.stdout, proc.stdout
+    assert json.loads((cell_dir / "cell.json").read_text())["evaluation"] == dict(
+        study_evaluation, eval_examples=16)
 
 
 def test_same_seed_same_metrics(digits_run, tmp_path, tmp_path_factory):
