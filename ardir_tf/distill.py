@@ -12,7 +12,8 @@ One training step (K = attack steps):
     1. teacher(x), inference mode, once: logits and named features; they serve
        both the attack objective and the loss.
     2. x' = PGD on the student (inference mode) within the eps-ball around x
-       (and teacher(x') when ir_teacher_input is "adv" or "both").
+       (and teacher(x') when ir_teacher_input is "adv" or "both", or
+       kd_teacher_input is "adv").
     3. student(x') in training mode (and student(x) when the loss has a clean
        term, whose BatchNorm statistics update is undone unless
        bn_statistics="both": the moving statistics come from x' alone), under
@@ -20,7 +21,8 @@ One training step (K = attack steps):
        per-example loss, reduced with the global batch size; gradients to the
        student and the adapters only.
 About K + 1 student forward and backward passes, one more forward (and
-backward) pass for the clean term when alpha < 1, plus one teacher forward pass.
+backward) pass for the clean terms (alpha < 1, RSLAD, or ir_student_input
+"both"), plus one teacher forward pass (two with teacher(x')).
 """
 
 import dataclasses
@@ -167,8 +169,8 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
       eval_attack: attack used by `test_step`; defaults to `attack` with CE.
 
     Metrics: loss, each loss term by name (kd, ce, ir, kd_clean), clean_accuracy
-    (the training-mode logits of the loss's clean term; none when alpha = 1
-    without RSLAD, which has no clean pass) and adv_accuracy (on the training
+    (the training-mode logits of the loss's clean pass; none without one:
+    alpha = 1, not RSLAD, and no IR term on the clean x) and adv_accuracy (on the training
     adversarial batch); test_step
     reports clean_accuracy and pgd_accuracy. There is no validation loss: give
     callbacks monitor="val_pgd_accuracy" (mode="max").
@@ -192,7 +194,7 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
         super().__init__(student, attack, eval_attack,
                          train_metrics=self._term_names(method, alpha, ir_weight),
                          clean_accuracy=self._has_clean_pass(method, alpha,
-                                                             ir_student_input),
+                                                             ir_student_input, ir_weight),
                          name=name,
                          **kwargs)
         self.student = student
@@ -351,10 +353,10 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
         super().compile(optimizer, loss, metrics, **kwargs)
 
     @staticmethod
-    def _has_clean_pass(method, alpha, ir_student_input="adv"):
+    def _has_clean_pass(method, alpha, ir_student_input="adv", ir_weight=0.0):
         """Whether the loss runs the student on the clean x (RSLAD; alpha < 1;
-        the IR term on the student's clean representation)."""
-        return method == "rslad" or alpha < 1 or (method == "ardir"
+        an IR term on the student's clean representation)."""
+        return method == "rslad" or alpha < 1 or (method == "ardir" and ir_weight > 0
                                                   and ir_student_input == "both")
 
     @property
@@ -386,17 +388,22 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
             return self.attack.replace(loss="kl")(
                 self._inference, x, y, targets=tf.nn.softmax(tf.cast(t_logits, tf.float32)))
 
-        # "ardir": the terms of the loss that depend on x'.
         t_features = self._teacher_features(teacher_out)
-
-        def ardir_objective(student_out, _):
-            value = self.alpha * losses.kd_kl(t_logits, student_out["logits"],
-                                              self.temperature)
-            ir = self._ir(student_out, t_features)
-            return value if ir is None else value + ir
-
-        return self.attack.replace(loss=ardir_objective)(
+        return self.attack.replace(
+            loss=lambda student_out, _: self._ardir_attack_loss(student_out, t_logits,
+                                                                t_features))(
             lambda z: self._views.student_inference(z, training=False), x, y)
+
+    def _ardir_attack_loss(self, student_out, t_logits, t_features):
+        """attack_objective "ardir": the per-example terms of the loss that
+        depend on x' (the student's outputs on it, `student_out`). With
+        ir_student_input "both" the loss averages the IR term over its two
+        matches, so x''s match weighs half."""
+        value = self.alpha * losses.kd_kl(t_logits, student_out["logits"], self.temperature)
+        ir = self._ir(student_out, t_features)
+        if ir is None:
+            return value
+        return value + (ir / 2 if self.ir_student_input == "both" else ir)
 
     def adversarial_examples(self, x, y):
         """The PGD examples a training step would craft for the batch (x, y)."""
@@ -407,7 +414,7 @@ class ARDIRDistiller(UnsavedAttributesMixin, RobustModel):
         """The method's per-example terms. `s_clean` is the student's clean
         output (a dict when the IR term reads its features, logits otherwise,
         None without a clean pass); `teacher_adv` the teacher's on x' (only
-        with ir_teacher_input "adv" or "both")."""
+        with ir_teacher_input "adv" or "both", or kd_teacher_input "adv")."""
         t_logits = teacher_out["logits"]
         if self.kd_teacher_input == "adv":
             t_logits = teacher_adv["logits"]

@@ -66,9 +66,10 @@ def ir_distance(student_features, teacher_features, distance="normalized_mse"):
       distance: "normalized_mse" ||u/|u| - v/|v|||^2 on flattened features (in
         [0, 4]; scale-free, so a teacher with larger activations does not
         dominate); "mse" the mean squared difference; "cosine" 1 - cos(u, v).
-        normalized_mse is exactly 2 * cosine (||a - b||^2 = 2 - 2 a.b for unit
-        vectors): the same objective at twice the weight, kept because both
-        names are in use.
+        normalized_mse is exactly 2 * cosine for non-zero features
+        (||a - b||^2 = 2 - 2 a.b for unit vectors; an all-zero one normalises
+        to 0 and both give 1): the same objective at twice the weight, kept
+        because both names are in use.
     """
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")

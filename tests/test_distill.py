@@ -258,6 +258,41 @@ def test_each_attack_objective_is_the_one_maximised():
     assert np.isfinite(h.history["loss"][0])
 
 
+@pytest.mark.parametrize("ir_student_input", ["adv", "both"])
+def test_the_ardir_attack_objective_is_the_part_of_the_loss_that_moves_with_x_adv(
+        ir_student_input):
+    """attack_objective="ardir": the loss at two points x'1, x'2 differs by what
+    the attack's objective differs by, also when the IR term averages x''s match
+    with the clean one (ir_student_input="both", where x''s match weighs half)."""
+    keras.utils.set_random_seed(5)
+    teacher, student = tiny_pair()
+    x, y = batch(16)
+    rng = np.random.default_rng(0)
+    x1, x2 = (np.clip(x + rng.uniform(-0.2, 0.2, x.shape), 0, 1).astype("float32")
+              for _ in range(2))
+    d = distiller(teacher, student, layers=[("stage1", "stage2")], attack_objective="ardir",
+                  ir_student_input=ir_student_input)
+    view, t_out = d._views.student, d._views.teacher(x, training=False)
+    s_clean = view(x, training=False)
+
+    def loss(z):
+        return d._loss_terms(y, s_clean, view(z, training=False), t_out)["loss"]
+
+    def objective(z):
+        return d._ardir_attack_loss(view(z, training=False), t_out["logits"],
+                                    d._teacher_features(t_out))
+    moved = (loss(x1) - loss(x2)).numpy()
+    assert np.abs(moved).max() > 1e-3  # the two points differ in the loss
+    np.testing.assert_allclose(moved, (objective(x1) - objective(x2)).numpy(), atol=1e-5)
+
+
+def test_an_ir_term_switched_off_runs_no_clean_pass_and_reports_no_clean_accuracy():
+    keras.utils.set_random_seed(6)
+    h = distiller(ir_weight=0.0, ir_student_input="both", alpha=1.0).fit(
+        dataset(64), epochs=1, verbose=0)
+    assert "clean_accuracy" not in h.history and "adv_accuracy" in h.history
+
+
 def test_rslad_and_ard_methods_report_their_terms():
     keras.utils.set_random_seed(4)
     h = distiller(method="rslad", layers=[], alpha=5 / 6).fit(dataset(64), epochs=1, verbose=0)
