@@ -52,6 +52,7 @@ class Limits:
     batch_delay_ms: float = 0.0            # extra wait for company before a batch
     max_in_flight: int | None = None       # inference requests admitted at once; 503 beyond
     body_timeout_s: float = 30.0           # a request body must arrive within this; 408 after
+    idle_timeout_s: float = 15.0           # a connection with no request under way is closed
     max_connections: int = 512             # open connections; more get 503 and are closed
     parse_threads: int = 2                 # request bodies decoded at once, off the event loop
 
@@ -59,11 +60,13 @@ class Limits:
         if self.max_batch < 1 or (self.max_body_bytes is not None and self.max_body_bytes < 1) \
                 or self.batch_delay_ms < 0 or \
                 (self.max_in_flight is not None and self.max_in_flight < 1) or \
-                not 0 < self.body_timeout_s <= 3600 or self.max_connections < 1 or \
+                not 0 < self.body_timeout_s <= 3600 or not 0 < self.idle_timeout_s <= 3600 or \
+                self.max_connections < 1 or \
                 self.parse_threads < 1:
             raise ValueError(f"bad limits {self}: max_batch, max_body_bytes, max_in_flight, "
                              "max_connections and parse_threads must be >= 1, "
-                             "batch_delay_ms >= 0, body_timeout_s in (0, 3600]")
+                             "batch_delay_ms >= 0, body_timeout_s and idle_timeout_s in "
+                             "(0, 3600]")
 
     def resolve(self, image_shape):
         """These limits with every None derived for images of `image_shape`."""

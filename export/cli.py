@@ -52,7 +52,8 @@ def serve(default_export_dir=None, log=print):
         max_batch=FLAGS.max_batch,
         max_body_bytes=int(FLAGS.max_body_mb * 2**20) if FLAGS.max_body_mb else None,
         batch_delay_ms=FLAGS.batch_delay_ms, max_in_flight=FLAGS.max_in_flight,
-        body_timeout_s=FLAGS.body_timeout_s, max_connections=FLAGS.max_connections)
+        body_timeout_s=FLAGS.body_timeout_s, idle_timeout_s=FLAGS.idle_timeout_s,
+        max_connections=FLAGS.max_connections)
     server.serve(path, FLAGS.host, FLAGS.port, limits, log=log, name=FLAGS.model_name)
 
 

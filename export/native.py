@@ -79,11 +79,18 @@ def _npy(body, max_batch):
     if shape and shape[0] > max_batch:
         raise ClientError(400, f"batch of {shape[0]} images is above this server's "
                           f"maximum of {max_batch}; split it")
+    if any(d < 0 for d in shape):
+        raise ClientError(400, f"the .npy header's shape {list(shape)} has a negative "
+                          "dimension")
     size = math.prod(shape) * dtype.itemsize
     if size != len(body) - buffer.tell():
         raise ClientError(400, f"the .npy header says shape {list(shape)} of {dtype} "
                           f"({size} bytes), but {len(body) - buffer.tell()} bytes follow it")
-    return np.load(io.BytesIO(body), allow_pickle=False)
+    try:
+        return np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OverflowError) as err:  # e.g. (0, 2**64): no bytes, no such array
+        raise ClientError(400, f"the .npy header's shape {list(shape)} is not an array "
+                          f"numpy can make: {err}") from None
 
 
 def answer(probabilities, class_names):

@@ -37,9 +37,10 @@ aiohttp and prometheus_client are installed (requirements-serve.txt).
 
 import asyncio
 import json
+import logging
 import signal
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from export.app import BATCHER, LIMITS, METRICS, Limits, body_limit, make_app  # noqa: F401
 from export.batching import Batcher, unavailable  # noqa: F401
@@ -80,8 +81,13 @@ async def _serve(model, host, port, limits, log, shutdown_seconds):
     # lingering_time: after answering a request whose body it did not read (413,
     # 408), aiohttp keeps reading and dropping it so that the client sees the answer
     # before the close; 2 s instead of 10 bounds what a trickling client can hold.
+    # keepalive_timeout: aiohttp's deadline for a connection with no request under
+    # way, from its opening (no request yet, or headers still arriving) and between
+    # keep-alive requests; its default, an hour, let silent connections hold every
+    # --max_connections slot.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_seconds,
-                           lingering_time=LINGERING_SECONDS)
+                           lingering_time=LINGERING_SECONDS,
+                           keepalive_timeout=limits.idle_timeout_s)
     await runner.setup()
     loop = asyncio.get_running_loop()
     try:
@@ -98,7 +104,8 @@ async def _serve(model, host, port, limits, log, shutdown_seconds):
         f"TF Serving REST at /v1/models/{model.name}, /v1/predict, /metrics (max batch "
         f"{limits.max_batch}, max body {limits.max_body_bytes} bytes, {limits.max_in_flight} "
         f"requests in flight, {limits.max_connections} connections, body timeout "
-        f"{limits.body_timeout_s:g} s); SIGTERM or Ctrl-C stops")
+        f"{limits.body_timeout_s:g} s, idle timeout {limits.idle_timeout_s:g} s); SIGTERM or "
+        "Ctrl-C stops")
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -109,9 +116,26 @@ async def _serve(model, host, port, limits, log, shutdown_seconds):
     log("stopped")
 
 
+def quiet_bad_http(record):
+    """A filter for aiohttp's server logger: drops the ERROR record, with its
+    traceback, that aiohttp writes for every request whose HTTP framing it
+    refuses (a header line over 8 KiB, too many headers, a bad chunk size; it
+    answers those with 400 itself), so that one client cannot flood the log;
+    kept when the logger is set to DEBUG."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, http_exceptions.HttpProcessingError) or \
+        logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
 def serve(onnx_path, host="127.0.0.1", port=8500, limits=Limits(), log=print,
           shutdown_seconds=30.0, name=None):
     """Serves the ONNX model at `onnx_path` as `name` (see `load`) until SIGTERM or
     SIGINT (port 0: any free port, printed). Raises ValueError for a bad model,
     OSError for a busy port."""
-    asyncio.run(_serve(load(onnx_path, name), host, port, limits, log, shutdown_seconds))
+    aiohttp_log = logging.getLogger("aiohttp.server")
+    aiohttp_log.addFilter(quiet_bad_http)
+    try:
+        asyncio.run(_serve(load(onnx_path, name), host, port, limits, log,
+                           shutdown_seconds))
+    finally:
+        aiohttp_log.removeFilter(quiet_bad_http)

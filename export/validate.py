@@ -35,6 +35,8 @@ def loads(body):
         raise ClientError(400, f"malformed JSON: {err}") from None
     except RecursionError:
         raise ClientError(400, "JSON nested too deeply; images are [N, H, W, C]") from None
+    except ValueError as err:  # an integer of more than 4,300 digits (CPython's limit)
+        raise ClientError(400, f"a number in the JSON cannot be read: {err}") from None
 
 
 # numpy reads true/false as 1/0 beside numbers, so they must be found in the text.

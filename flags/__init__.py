@@ -113,6 +113,9 @@ def define_serve_flags():
                        "arrive; a slower one gets 408 and its connection is closed.")
     flags.DEFINE_integer("max_connections", 512, "Open connections the server keeps; one "
                          "more gets 503 and is closed.")
+    flags.DEFINE_float("idle_timeout_s", 15.0, "Seconds a connection may stay open with no "
+                       "request under way (none sent yet, headers still arriving, or "
+                       "between keep-alive requests) before the server closes it.")
     flags.DEFINE_float("batch_delay_ms", 0.0, "How long the server waits for more requests "
                        "before running a batch (0: run at once; requests that arrive "
                        "while the model is busy are still merged).")
@@ -125,6 +128,7 @@ def define_serve_flags():
     _check("max_in_flight", lambda v: v is None or v >= 1, "must be >= 1")
     _check("body_timeout_s", lambda v: 0 < v <= 3600, "must be in (0, 3600]")
     _check("max_connections", lambda v: v >= 1, "must be >= 1")
+    _check("idle_timeout_s", lambda v: 0 < v <= 3600, "must be in (0, 3600]")
     _check("batch_delay_ms", lambda v: 0 <= v <= 1000, "must be in [0, 1000]")
     _check("onnx_path", lambda v: v is None or (v.endswith(".onnx") and os.path.isfile(v)),
            "must name an existing .onnx file")
@@ -559,7 +563,7 @@ def settings():
             "attacks", "sequential_attacks", "verify_unreliable", "opset", "parity_examples",
             "quantize", "litert", "calibration_examples", "onnx_path", "host",
             "model_name", "port", "max_batch", "max_body_mb", "batch_delay_ms", "max_in_flight",
-            "body_timeout_s", "max_connections", "strategy", "num_workers",
+            "body_timeout_s", "idle_timeout_s", "max_connections", "strategy", "num_workers",
             "jit_compile", "check_teacher", "study_methods", "study_seeds",
             "study_reference", "study_variants"}
     if FLAGS.mode == "study":  # a study re-evaluates its cells when these change

@@ -102,6 +102,15 @@ DECODE_ERRORS = {
                       r"says shape \[2, 8, 8, 1\] of float32 \(512 bytes\), but 509"),
     "npy above max batch": (npy(np.zeros((MAX_BATCH + 1, *SHAPE), np.float32)),
                             "application/x-npy", 400, "batch of 9 images is above"),
+    # Negative sides multiply to the byte count (4 bytes: one float32) ...
+    "npy negative sides": (npy_header((-1, -1), "<f4") + b"\0" * 4, "application/x-npy", 400,
+                           r"shape \[-1, -1\] has a negative dimension"),
+    # ... and a 0 beside a side no array can have gives 0 bytes.
+    "npy impossible side": (npy_header((0, 2**64), "<f4"), "application/x-npy", 400,
+                            r"shape \[0, 18446744073709551616\] is not an array numpy"),
+    # CPython refuses integers of over 4,300 digits with a plain ValueError.
+    "huge integer": (b'{"instances": [' + b"1" * 5000 + b"]}", "application/json", 400,
+                     "a number in the JSON cannot be read"),
 }
 
 

@@ -337,6 +337,52 @@ def test_no_request_body_or_header_reaches_a_5xx(fuzzed_server, path, content_ty
     assert predict(fuzzed_server, good)[0] == 200
 
 
+def _raw(port, request, timeout=10):
+    """Sends `request` (bytes) on a new connection; what comes back until the server
+    closes it (or `timeout`)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+        return reply
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 9000 + b"\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X%d: 1\r\n" % i for i in range(200))
+    + b"\r\n",
+    b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
+    ids=["long header line", "200 headers", "bad chunk size"])
+def test_bad_http_framing_gets_a_400_and_no_traceback_in_the_log(fuzzed_server, request_bytes):
+    """aiohttp answers these itself, in plain text; the log stays free of its
+    tracebacks (the fixture checks the server's log when the module ends)."""
+    reply = _raw(fuzzed_server, request_bytes)
+    assert reply.split(b"\r\n")[0] in (b"HTTP/1.0 400 Bad Request",
+                                        b"HTTP/1.1 400 Bad Request"), reply[:200]
+
+
+@pytest.mark.slow
+def test_connections_with_no_request_under_way_are_closed_after_the_idle_timeout(onnx_path):
+    """Silent, trickling-headers and idle keep-alive connections are closed after
+    --idle_timeout_s, so they cannot hold the --max_connections slots."""
+    proc, port = serve(onnx_path, "--idle_timeout_s=0.5", "--max_connections=3")
+    try:
+        start = time.monotonic()
+        assert _raw(port, b"") == b""  # sends nothing
+        assert _raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n") == b""  # no blank line
+        kept = _raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive
+        assert kept.startswith(b"HTTP/1.1 200")
+        assert time.monotonic() - start < 8  # each closed after about 0.5 s, not an hour
+        sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        time.sleep(1.5)  # the three slots are free again once the server closed them
+        assert call(port, "GET", "/healthz")[0] == 200
+        for s in sockets:
+            s.close()
+    finally:
+        stop(proc)
+
+
 @pytest.mark.parametrize("minus_signs", [3000, 9000])
 def test_a_npy_header_nested_too_deeply_is_a_400(minus_signs):
     """numpy's header parser raises RecursionError (3,000 unary minus signs) or
