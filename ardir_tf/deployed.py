@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from ardir_tf import evaluate as evaluate_lib
+from ardir_tf import precision
 
 
 def _logits(out):
@@ -81,6 +82,7 @@ def evaluate_artifact(forward, surrogate, dataset, eps, norm="linf", n_examples=
     "square", "transfer"} (each family alone), "square_queries"}.
     """
     x, y = evaluate_lib.collect(dataset, n_examples)
+    surrogate = precision.float32_model(surrogate)  # gradients as every evaluation's
     model = bpda(forward, surrogate)
     options = dict(seed=seed, batch_size=batch_size)
     clean = evaluate_lib.survivors(model, x, y, {"clean": None}, **options)["clean"]

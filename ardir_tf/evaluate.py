@@ -285,7 +285,8 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
         {name: Attack or callable(model_fn, x, y) -> x_adv}.
       n_examples: evaluate the first n examples only (None: all).
       sequential: run each attack only on the points earlier attacks left
-        standing (cheaper; `robust_accuracy` becomes cumulative).
+        standing (cheaper; `robust_accuracy` becomes cumulative); gradient-free
+        attacks (Square) then run after every gradient attack.
       seed: seeds the attacks' random starts and queries, so the same call
         gives the same report (TensorFlow's global seed is left alone).
       batch_size: examples per attack batch.
@@ -311,6 +312,11 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
     trained_in = precision.compute_dtypes(model) if isinstance(model, keras.Model) else None
     model = precision.float32_model(model)  # no number depends on bfloat16/float16 rounding
     attacks = _attacks(attacks, eps, norm, model, batch_size)
+    if sequential:
+        # Gradient-free attacks last, as in AutoAttack: the gradient-free check
+        # asks what they break of the points every gradient attack left
+        # standing, which a gradient attack run after them could never show.
+        attacks = dict(sorted(attacks.items(), key=lambda item: item[1].gradient_free))
     start = time.perf_counter()
     x, y = collect(dataset, n_examples)
     runner = _Runner(model, x.shape[1:], batch_size, seed)

@@ -36,7 +36,7 @@ import tensorflow as tf
 
 from ardir_tf import attacks as attacks_lib
 from ardir_tf import evaluate as evaluate_lib
-from ardir_tf import sanity
+from ardir_tf import precision, sanity
 
 # Decades of the gradient-norm histogram: [1e-12, 1e-11), ..., [1e2, 1e3), and
 # the exact zeros counted apart.
@@ -99,9 +99,11 @@ def probe(model, x, y, eps, norm="linf", *, steps=(10, 20, 100), apgd_steps=100,
     """The masking probe of `model` (pixels -> logits) on images x, labels y.
 
     Every attack runs on the correctly classified images; Square only on those
-    every gradient attack left standing. Returns a dict (see the module
-    docstring), ready for JSON.
+    every gradient attack left standing. A model trained under a mixed policy
+    is probed as its float32 copy, as `evaluate` runs it. Returns a dict (see
+    the module docstring), ready for JSON.
     """
+    model = precision.float32_model(model)
     x, y = np.asarray(x, np.float32), np.asarray(y).reshape(-1).astype(np.int64)
     steps = tuple(int(k) for k in steps)
     if not steps or min(steps) < 1:

@@ -152,6 +152,17 @@ def test_sequential_attacks_reach_the_same_worst_case_on_fewer_points(trained, d
     assert chain["reliable"] is None
 
 
+def test_sequential_attacks_run_gradient_free_ones_last(trained, digits):
+    """Named first, Square still runs after the gradient attacks: the
+    gradient-free check compares what it breaks with what they left standing
+    (run before them, it would leave them nothing it could show)."""
+    attacks = {"square": evaluate.standard(0.15)["square"], "fgsm": evaluate.fast(0.15)["fgsm"]}
+    r = evaluate.evaluate(trained["natural"], digits_ds(digits, 24), 0.15, attacks=attacks,
+                          sequential=True, sanity_examples=0, verbose=0)
+    assert r["attack_order"] == ["fgsm", "square"]
+    assert r["attacked"]["square"] == round(r["robust_accuracy"]["fgsm"] * 24)
+
+
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
 def test_every_preset_attack_stays_in_the_ball_and_the_clip_range(norm, eps):
     model = models.build("small_cnn", (8, 8, 1), 10, width=4)

@@ -203,3 +203,28 @@ def test_a_study_cell_may_set_its_precision():
     assert study.parse_method("pgd_at@precision=float32").kwargs == {"precision": "float32"}
     with pytest.raises(study.StudyError, match="precision"):
         study.parse_method("ard@precision=int8")
+
+
+def test_the_masking_probe_and_the_deployed_files_attacks_use_the_float32_copy(
+        bf16_model, monkeypatch):
+    """The probe, on images where bfloat16 rounding flips the answer (labelled
+    with the float32 answers), finds every one right; the deployed file's
+    attacks take their gradients from the float32 copy of the surrogate."""
+    from ardir_tf import deployed, masking
+    x = np.random.default_rng(1).random((4096, 8, 8, 1), np.float32)
+    want = np.asarray(precision.float32_copy(bf16_model)(x, training=False)).argmax(1)
+    flipped = np.asarray(bf16_model(x, training=False)).argmax(1) != want
+    assert flipped.sum() >= 5
+    x, y = x[flipped], want[flipped].astype(np.int64)
+    result = masking.probe(bf16_model, x, y, 1e-3, steps=(1,), apgd_steps=0, square_queries=1)
+    assert result["clean"] == 1.0
+    seen = []
+    real = deployed.bpda
+    monkeypatch.setattr(deployed, "bpda", lambda forward, surrogate: (
+        seen.append(precision.compute_dtypes(surrogate)), real(forward, surrogate))[1])
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    forward = precision.float32_copy(bf16_model)
+    deployed.evaluate_artifact(lambda z, training=False: forward(z, training=False),
+                               bf16_model, data, 1e-3,
+                               apgd_steps=1, n_targets=1, square_queries=1)
+    assert seen == ["float32"]
