@@ -15,6 +15,7 @@ import functools
 import os
 import platform
 import re
+import shutil
 import sys
 import tempfile
 
@@ -427,19 +428,24 @@ def evaluate_and_report(workdir, data, trained):
         return
     metrics = workdir.read_json("metrics.json", {})
     evaluation = cli.evaluation()
+    cell = None  # a study cell's cell.json, when its student's evaluation is replaced
     for name, result in reports.items():
         stored = metrics.get(name)
         if stored and (stored["eps"], stored["norm"]) != (result["eps"], result["norm"]):
             # Another threat model: kept beside the run's own numbers, not over them.
             name = f"{name}@{result['norm']}-{result['eps']:g}"
         elif stored:
-            replaced_evaluation(workdir, name, stored, evaluation)
+            cell = replaced_evaluation(workdir, name, stored, evaluation) or cell
         metrics[name] = dict(result, evaluation=evaluation)
     for name, entry in unattacked.items():
         metrics[name] = entry
     if FLAGS.teacher and "teacher" in metrics and "teacher_check" in BUILT:
         metrics["teacher"]["pre_training_check"] = BUILT["teacher_check"]
+    if cell is not None:  # unfinished for the study until the new numbers are written
+        workdir.write_json("cell.json", {k: v for k, v in cell.items() if k != "evaluation"})
     workdir.write_json("metrics.json", metrics)
+    if cell is not None:
+        workdir.write_json("cell.json", dict(cell, evaluation=evaluation))
     plot = report.plot_eps(reports, workdir.path(f"robustness-{FLAGS.norm}-{FLAGS.eps:g}.png"))
     say("\n" + report.format_table(reports))
     say(f"\nwrote {workdir.path('metrics.json')} and {plot}")
@@ -448,20 +454,20 @@ def evaluate_and_report(workdir, data, trained):
 
 
 def replaced_evaluation(workdir, name, stored, evaluation):
-    """Says when a model's evaluation is replaced by one with other settings; for
-    a study cell's student, cell.json then records the new evaluation, so that
-    the study evaluates the cell again as its other cells instead of mixing
-    this one into its table."""
+    """Says when a model's evaluation is replaced by one with other settings.
+    Returns a study cell's cell.json when it is its student's: the caller then
+    records the new evaluation there (around writing metrics.json), so that the
+    study evaluates the cell again as its other cells instead of mixing this one
+    into its table."""
     cell = workdir.read_json("cell.json", {}) if name == "student" else {}
     before = cell.get("evaluation") or stored.get("evaluation")
     if not before or before == evaluation:
-        return
+        return None
     changed = ", ".join(f"--{cli.EVALUATION_FLAGS[k]} {before.get(k)} -> {evaluation[k]}"
                         for k in evaluation if before.get(k) != evaluation[k])
     say(f"[evaluate] {name}: replaces an evaluation made otherwise ({changed})"
         + ("; the study will evaluate this cell again" if cell else ""))
-    if cell:
-        workdir.write_json("cell.json", dict(cell, evaluation=evaluation))
+    return cell or None
 
 
 # --- modes ------------------------------------------------------------------
@@ -506,8 +512,10 @@ def study(workdir, data):
     known = workdir.read_json("metrics.json", {}).get("teacher", {})
     if isinstance(teacher, keras.Model) and known.get("study_evaluation") != evaluation:
         say("[teacher] evaluating it as every cell will be evaluated")
+        partial = workdir.path("teacher-evaluation-partial")  # a killed one resumes
         workdir.write_json("metrics.json", {"teacher": dict(
-            evaluate_model(teacher, data), study_evaluation=evaluation)})
+            evaluate_model(teacher, data, partial), study_evaluation=evaluation)})
+        shutil.rmtree(partial, ignore_errors=True)
 
     def settings(method, seed):
         # An ordinary run's flags.json (so --mode=evaluate and export work on a
@@ -648,6 +656,10 @@ def launch(workdir):
     """--strategy=multi_worker --num_workers=N without TF_CONFIG: this command
     again as N workers on 127.0.0.1, their logs in <workdir>/workers/."""
     from ardir_tf import distribute
+    try:  # a resumed run keeps its precision, as each worker will (main)
+        cli.resume_precision(workdir.read_json(workdir.SETTINGS))
+    except ValueError:
+        pass  # claim() says what is wrong with the file
     claim(workdir)  # before the workers, so that none of them finds a foreign directory
     say(f"{FLAGS.mode}: starting {FLAGS.num_workers} workers on 127.0.0.1, workdir "
         f"{workdir.root}")

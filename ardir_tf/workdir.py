@@ -14,6 +14,7 @@ leaves the old file or the new one, never half of one. A directory that holds
 another run's settings is never reused silently.
 """
 
+import glob
 import json
 import os
 import shutil
@@ -81,9 +82,12 @@ class Workdir:
             os.rmdir(self.path("backup"))
         return path
 
-    # What a run writes here; --overwrite deletes these and nothing else.
-    OWNED = ("flags.json", "natural.keras", "teacher.keras", "student.keras", "history.csv",
-             "metrics.json", "logs", "backup", "export", "workers",
+    # What a run writes here (glob patterns); --overwrite deletes these and
+    # nothing else, flags.json last of all: it is replaced by the new run's, so a
+    # kill half-way leaves a directory the same command can claim again.
+    OWNED = ("natural.keras", "teacher.keras", "student.keras", "history.csv",
+             "metrics.json", "logs", "backup", "export", "workers", "robustness-*.png",
+             "evaluation-partial", "teacher-evaluation-partial", "cell.json",
              "cells", "study.csv", "study.json", "study.png")  # and a study's
 
     # Keys of flags.json that record how the run was asked for without defining
@@ -119,7 +123,9 @@ class Workdir:
         except ValueError:
             raise WorkdirError(f"{self.path(self.SETTINGS)} is not valid JSON; is this a run "
                                "of ours? Choose another --workdir") from None
-        if previous is None and os.path.isdir(self.root) and os.listdir(self.root):
+        # A .tmp-* file is what a write killed half-way left: not someone's file.
+        if previous is None and os.path.isdir(self.root) and \
+                [n for n in os.listdir(self.root) if not n.startswith(".tmp-")]:
             raise WorkdirError(f"--workdir {self.root} is not empty and holds no run of "
                                "ours (no flags.json); choose another --workdir")
         same = previous is not None and self.same_settings(previous, settings)
@@ -130,11 +136,10 @@ class Workdir:
                                    for k in changed[:4])
                 raise WorkdirError(f"--workdir {self.root} holds another run ({detail}); "
                                    "choose another --workdir, or pass --overwrite to replace it")
-            for name in self.OWNED:
-                target = self.path(name)
+            for target in (t for name in self.OWNED for t in glob.glob(self.path(name))):
                 if os.path.isdir(target):
                     shutil.rmtree(target)
-                elif os.path.exists(target):
+                else:
                     os.remove(target)
         os.makedirs(self.root, exist_ok=True)
         if same:  # a resumed run keeps its notes (why auto chose what it chose)

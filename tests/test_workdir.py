@@ -64,3 +64,30 @@ def test_a_failed_write_leaves_the_old_file(tmp_path):
     with pytest.raises(TypeError):
         wd.write_json("metrics.json", {"a": object()})
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"a": 1}
+
+
+def test_a_killed_write_or_overwrite_leaves_a_directory_the_command_can_claim(tmp_path,
+                                                                             monkeypatch):
+    # A write of the first flags.json killed half-way leaves only its .tmp-* file.
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / ".tmp-x1.json").write_text('{"eps"')
+    assert Workdir(tmp_path / "new").claim({"eps": 0.1}) is False
+    # --overwrite killed after deleting the old run's files and before writing the
+    # new flags.json: the old flags.json is still there, so the same command
+    # claims the directory again. Every file the run wrote goes, others stay.
+    wd = Workdir(tmp_path / "run")
+    wd.claim({"eps": 0.1})
+    for name in ("student.keras", "robustness-linf-0.1.png", "cell.json", "metrics.json"):
+        (tmp_path / "run" / name).write_text("x")
+    (tmp_path / "run" / "evaluation-partial").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+
+    def killed(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(wd, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        wd.claim({"eps": 0.2}, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["flags.json", "notes.txt"]
+    monkeypatch.undo()
+    assert Workdir(tmp_path / "run").claim({"eps": 0.2}, overwrite=True) is False
+    assert json.loads((tmp_path / "run" / "flags.json").read_text()) == {"eps": 0.2}
