@@ -35,6 +35,7 @@ export (or nothing) where it was, never a half-written model.
 """
 
 import datetime
+import glob
 import hashlib
 import json
 import os
@@ -115,12 +116,35 @@ def verify(directory):
 
 
 def _check_target(directory):
+    _recover(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ExportError(f"{directory} is a file; export writes a directory")
-    if os.path.isdir(directory) and os.listdir(directory) and \
-            not os.path.exists(os.path.join(directory, CARD)):
-        raise ExportError(f"{directory} is not empty and holds no export of ours (no {CARD}); "
-                          "choose another directory")
+    if os.path.isdir(directory) and os.listdir(directory):
+        if not os.path.exists(os.path.join(directory, CARD)):
+            raise ExportError(f"{directory} is not empty and holds no export of ours (no "
+                              f"{CARD}); choose another directory")
+        try:
+            with open(os.path.join(directory, CARD)) as f:
+                listed = set(json.load(f)["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ExportError(f"{directory}/{CARD} is not a model card of ours; choose another "
+                              "directory") from None
+        others = sorted(set(file_digests(directory)) - listed)
+        if others:  # an export replaces its directory whole: these would go with it
+            raise ExportError(f"{directory} holds files its export did not write "
+                              f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                              "move them, or choose another directory")
+
+
+def _recover(directory):
+    """What a kill during `_move_into_place` left: the previous export under
+    .<name>.old-* with no <name> (put back), or beside the new one (deleted)."""
+    parent, name = os.path.split(directory)
+    for old in sorted(glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.old-*"))):
+        if not os.path.exists(directory):
+            os.replace(old, directory)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _move_into_place(tmp, directory):

@@ -247,6 +247,34 @@ def test_an_interrupted_export_leaves_no_half_written_model(small, tmp_path, mon
     assert os.listdir(tmp_path) == []
 
 
+def test_an_export_directory_with_files_it_did_not_write_is_refused(tmp_path):
+    """An export replaces its directory whole; files the card does not list
+    (a user's) would go with it, so the export is refused and they stay."""
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / artifacts.CARD).write_text(json.dumps({"files": {"student.onnx": {}}}))
+    (target / "student.onnx").write_text("onnx")
+    artifacts._check_target(str(target))  # only its own files: fine
+    (target / "my_notes.txt").write_text("mine")
+    with pytest.raises(artifacts.ExportError, match=r"holds files its export did not write "
+                                                    r"\(my_notes.txt\)"):
+        artifacts._check_target(str(target))
+    assert (target / "my_notes.txt").read_text() == "mine"
+
+
+def test_an_export_killed_while_moving_into_place_is_recovered(tmp_path):
+    """Killed between moving the old export aside and the new one in: the old
+    one is put back; killed after: the old one aside is deleted."""
+    old = tmp_path / ".export.old-x1"
+    old.mkdir()
+    (old / artifacts.CARD).write_text(json.dumps({"files": {}}))
+    artifacts._check_target(str(tmp_path / "export"))
+    assert (tmp_path / "export" / artifacts.CARD).exists() and not old.exists()
+    old.mkdir()
+    artifacts._check_target(str(tmp_path / "export"))
+    assert not old.exists() and (tmp_path / "export" / artifacts.CARD).exists()
+
+
 def test_export_refuses_targets_that_are_not_exports(small, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes/keep.txt").write_text("mine")
