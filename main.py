@@ -661,6 +661,7 @@ def launch(workdir):
     except ValueError:
         pass  # claim() says what is wrong with the file
     claim(workdir)  # before the workers, so that none of them finds a foreign directory
+    os.environ[CLUSTER_LOCK] = str(os.getpid())  # the workers inherit it
     say(f"{FLAGS.mode}: starting {FLAGS.num_workers} workers on 127.0.0.1, workdir "
         f"{workdir.root}")
     command = [sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]]
@@ -671,12 +672,26 @@ def launch(workdir):
              f"{workdir.path('workers')}; run the same command again to resume")
 
 
+# Set by the launcher of a local cluster, which holds the run's lock for its workers.
+CLUSTER_LOCK = "ARDIR_CLUSTER_LOCK"
+LOCKED = []  # the workdirs this command holds locked; main() releases them
+
+
+def lock(workdir):
+    workdir.lock()
+    LOCKED.append(workdir)
+
+
 def claim(workdir):
+    """Claims the run's directory (or refuses it), then locks it for this
+    command (a local cluster's workers run under their launcher's lock)."""
     from ardir_tf.workdir import WorkdirError
     if not CHIEF:
         return
     try:
         workdir.claim(cli.settings(), overwrite=FLAGS.overwrite)
+        if not os.environ.get(CLUSTER_LOCK):
+            lock(workdir)
     except WorkdirError as err:
         fail(str(err))
 
@@ -696,6 +711,16 @@ def default_workdir():
 
 
 def main(argv):
+    """Runs the mode; whatever happens, releases the runs it locked (the process
+    may go on: tests/startup_harness.py runs many command lines in one)."""
+    try:
+        return _main(argv)
+    finally:
+        while LOCKED:
+            LOCKED.pop().unlock()
+
+
+def _main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; flags are written --name=value")
     if not absl_flags.FLAGS["verbosity"].present:
@@ -730,6 +755,10 @@ def main(argv):
         if saved is None:
             fail(f"no run in {workdir.root} (no flags.json); train first, or point "
                  "--workdir at a run")
+        try:
+            lock(workdir)  # no training or other evaluation writes beside this one
+        except ValueError as err:
+            fail(str(err))
         cli.adopt_run_settings(saved)
         if FLAGS.mode == "evaluate":  # the run's own evaluation, unless told otherwise
             cli.adopt_evaluation(recorded_evaluation(workdir))

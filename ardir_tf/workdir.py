@@ -14,6 +14,7 @@ leaves the old file or the new one, never half of one. A directory that holds
 another run's settings is never reused silently.
 """
 
+import fcntl
 import glob
 import json
 import os
@@ -108,6 +109,34 @@ class Workdir:
         """Whether settings `a` and `b` (dicts) define the same run."""
         return not cls.changed_settings(a, b)
 
+    LOCK = ".lock"
+
+    def lock(self):
+        """Holds an exclusive lock on this run (an flock on <root>/.lock) until
+        `unlock` or the process ends, so that a second command on the same
+        directory is refused instead of writing beside this one. Raises
+        WorkdirError, naming the holder's pid, when another process holds it."""
+        if getattr(self, "_lock_fd", None) is not None:
+            return
+        os.makedirs(self.root, exist_ok=True)
+        fd = os.open(self.path(self.LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise WorkdirError(f"--workdir {self.root} is in use by another process (pid "
+                               f"{holder}); wait for it to finish or stop it, then run the "
+                               "command again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self):
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
+
     def claim(self, settings, overwrite=False):
         """Makes this directory the home of the run with `settings` (a dict).
 
@@ -123,9 +152,11 @@ class Workdir:
         except ValueError:
             raise WorkdirError(f"{self.path(self.SETTINGS)} is not valid JSON; is this a run "
                                "of ours? Choose another --workdir") from None
-        # A .tmp-* file is what a write killed half-way left: not someone's file.
+        # A .tmp-* file is what a write killed half-way left: not someone's file;
+        # .lock is a run's lock file.
         if previous is None and os.path.isdir(self.root) and \
-                [n for n in os.listdir(self.root) if not n.startswith(".tmp-")]:
+                [n for n in os.listdir(self.root) if not n.startswith(".tmp-") and
+                 n != self.LOCK]:
             raise WorkdirError(f"--workdir {self.root} is not empty and holds no run of "
                                "ours (no flags.json); choose another --workdir")
         same = previous is not None and self.same_settings(previous, settings)

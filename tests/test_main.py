@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -475,16 +476,28 @@ def bad_runs(tmp_path_factory, digits_run):
                  tfds_unprepared=(["--dataset=cifar10", f"--data_dir={root / 'empty'}"],
                                   "not prepared"),
                  another_run=([f"--workdir={run_dir}", "--eps=0.1"], "holds another run"),
-                 not_a_run=([f"--workdir={stranger}"], "holds no run of ours"))
+                 not_a_run=([f"--workdir={stranger}"], "holds no run of ours"),
+                 # A copy of the run, locked by this process while the harness runs.
+                 locked_training=([f"--workdir={root / 'locked'}"],
+                                  f"is in use by another process (pid {os.getpid()})"),
+                 locked_evaluate=([f"--workdir={root / 'locked'}", "--mode=evaluate"],
+                                  f"is in use by another process (pid {os.getpid()})"))
     workdirs = {name: next((pathlib.Path(a.split("=", 1)[1]) for a in args
                             if a.startswith("--workdir=")), root / name)
                 for name, (args, _) in cases.items()}
     argvs = {name: [SMOKE, *args, f"--workdir={workdirs[name]}"]
              for name, (args, _) in cases.items()}
     before = (run_dir / "metrics.json").read_text()
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "startup_harness.py")],
-                          input=json.dumps(argvs), cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    shutil.copytree(run_dir, root / "locked")
+    from ardir_tf.workdir import Workdir
+    holder = Workdir(root / "locked")
+    holder.lock()
+    try:
+        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "startup_harness.py")],
+                              input=json.dumps(argvs), cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+    finally:
+        holder.unlock()
     assert proc.returncode == 0, proc.stderr[-3000:]
     # What the run's metrics were and are around the harness (other tests of the
     # module evaluate into the same workdir later).
@@ -518,7 +531,7 @@ TEACHER_FILES = ["onnx_missing", "onnx_corrupt", "onnx_shape", "onnx_classes", "
 
 @pytest.mark.parametrize("case", [*BAD, "npz_keys", "teacher_corrupt", "teacher_shape",
                                   "tfds_unprepared", "another_run", "not_a_run",
-                                  *TEACHER_FILES])
+                                  "locked_training", "locked_evaluate", *TEACHER_FILES])
 def test_bad_flag_gets_a_one_line_message(bad_runs, case):
     proc, message = bad_runs[case]
     assert proc.returncode != 0

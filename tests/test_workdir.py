@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -91,3 +92,20 @@ def test_a_killed_write_or_overwrite_leaves_a_directory_the_command_can_claim(tm
     monkeypatch.undo()
     assert Workdir(tmp_path / "run").claim({"eps": 0.2}, overwrite=True) is False
     assert json.loads((tmp_path / "run" / "flags.json").read_text()) == {"eps": 0.2}
+
+
+def test_a_locked_run_refuses_a_second_holder_until_released(tmp_path):
+    first, second = Workdir(tmp_path / "run"), Workdir(tmp_path / "run")
+    first.claim({"eps": 0.1})
+    first.lock()
+    with pytest.raises(WorkdirError, match=rf"in use by another process \(pid {os.getpid()}\)"):
+        second.lock()
+    first.unlock()
+    second.lock()  # free again
+    second.unlock()
+    # The lock file makes no directory "a run's": a new one with only it is claimed.
+    (tmp_path / "new").mkdir()
+    locked = Workdir(tmp_path / "new")
+    locked.lock()
+    assert Workdir(tmp_path / "new").claim({"eps": 0.1}) is False
+    locked.unlock()
