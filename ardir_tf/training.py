@@ -20,6 +20,8 @@ import tempfile
 
 import keras
 
+from ardir_tf.workdir import atomic_write
+
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "piecewise", "cosine")
 
@@ -69,28 +71,32 @@ class TidyHistory(keras.callbacks.Callback):
         super().__init__()
         self.path, self.phase = path, phase
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def _rows(self):
+        """The file's rows; a row cut short (a full disk, an older version killed
+        while appending) is dropped."""
         if not os.path.exists(self.path):
-            return
+            return []
         with open(self.path, newline="") as f:
-            rows = [r for r in csv.DictReader(f)
-                    if not (r["phase"] == self.phase and int(r["epoch"]) >= epoch + 1)]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+            return [r for r in csv.DictReader(f)
+                    if None not in r.values() and str(r.get("epoch", "")).isdigit()]
+
+    def _write(self, rows):
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, self.FIELDS)
+                writer.writeheader()
+                writer.writerows(rows)
+        atomic_write(self.path, write)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if os.path.exists(self.path):
+            self._write([r for r in self._rows()
+                         if not (r["phase"] == self.phase and int(r["epoch"]) >= epoch + 1)])
 
     def on_epoch_end(self, epoch, logs=None):
-        new = not os.path.exists(self.path)
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, self.FIELDS)
-            if new:
-                writer.writeheader()
-            for name, value in sorted((logs or {}).items()):
-                writer.writerow(dict(phase=self.phase, epoch=epoch + 1, name=name,
-                                     value=f"{float(value):.6g}"))
+        self._write(self._rows() + [
+            dict(phase=self.phase, epoch=epoch + 1, name=name, value=f"{float(value):.6g}")
+            for name, value in sorted((logs or {}).items())])
 
 
 # A backup generation: backup/PHASE/epoch-NNNN/ holding these two files.

@@ -36,6 +36,17 @@ def test_tidy_history_drops_rows_of_redone_epochs(tmp_path):
                     ["student", "2", "loss", "7"]]
 
 
+def test_tidy_history_drops_a_row_cut_short_and_resumes(tmp_path):
+    """A history whose last row was cut short (a full disk, a kill while an older
+    version appended): the resumed run drops it instead of failing on it."""
+    path = tmp_path / "history.csv"
+    path.write_text("phase,epoch,name,value\nstudent,1,loss,0.5\nstudent,")
+    resumed = training.TidyHistory(str(path), "student")
+    resumed.on_epoch_begin(1)
+    resumed.on_epoch_end(1, {"loss": 0.25})
+    assert path.read_text().splitlines()[1:] == ["student,1,loss,0.5", "student,2,loss,0.25"]
+
+
 def test_resumable_epoch_reads_the_newest_backup(tmp_path):
     wd = Workdir(tmp_path)
     assert training.resumable_epoch(wd, "student") == 0
