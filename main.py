@@ -794,11 +794,21 @@ def _main(argv):
             MODES[FLAGS.mode](workdir, data)
     except KeyboardInterrupt:
         fail("interrupted; run the same command again to resume")
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, tf.errors.OpError) as err:  # OpError: a NaN loss, ...
         if os.environ.get("ARDIR_DEBUG"):
             raise
-        fail(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-             "(ARDIR_DEBUG=1 shows the traceback)")
+        fail(f"{type(err).__name__}: {error_line(err)} (ARDIR_DEBUG=1 shows the traceback)")
+
+
+def error_line(err):
+    """The line of an error's message that says what went wrong: the first, or
+    for a TensorFlow op's error the line before the failing node's name (its
+    first line is "Graph execution error:")."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    nodes = [i for i, line in enumerate(lines) if line.startswith("[[")]
+    return lines[nodes[0] - 1] if nodes and nodes[0] > 0 else lines[0]
 
 
 def run():

@@ -24,6 +24,7 @@ prefetch.
 
 import dataclasses
 import os
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -143,8 +144,9 @@ def load_npz(path):
     checked: every problem raises DataError naming the key and what is expected."""
     try:
         arrays = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read {path!r} as a .npz file: {err}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # empty, truncated
+        raise DataError(f"cannot read {path!r} as a .npz file: {err or type(err).__name__}") \
+            from None
     if not isinstance(arrays, np.lib.npyio.NpzFile):
         raise DataError(f"{path!r} holds a single array; expected a .npz archive "
                         "(np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...))")
@@ -157,9 +159,13 @@ def load_npz(path):
     for split in ("train", "test"):
         try:
             x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        except (OSError, ValueError) as err:  # object arrays, corrupt members
+        # Object arrays, corrupt or truncated members.
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
             raise DataError(f"{path}: cannot read x_{split}/y_{split} as numeric arrays: "
                             f"{err}") from None
+        if x.ndim == 0 or y.ndim == 0:
+            raise DataError(f"{path}: x_{split} and y_{split} must be arrays of images and "
+                            f"labels, got a single value")
         if len(x) == 0:
             raise DataError(f"{path}: x_{split} is empty")
         if x.ndim == 3:
@@ -167,12 +173,20 @@ def load_npz(path):
         if x.ndim != 4:
             raise DataError(f"{path}: x_{split} must have rank 3 [N, H, W] or 4 [N, H, W, C], "
                             f"got shape {x.shape}")
+        if x.shape[1] in (1, 3, 4) and x.shape[3] not in (1, 3, 4):
+            raise DataError(f"{path}: x_{split} of shape {x.shape} looks channels-first "
+                            "[N, C, H, W]; images are [N, H, W, C]: store "
+                            "np.transpose(x, (0, 2, 3, 1))")
         if y.ndim != 1 or len(y) != len(x):
             raise DataError(f"{path}: y_{split} must be one integer label per image, shape "
                             f"({len(x)},), got shape {y.shape}")
         if not np.issubdtype(y.dtype, np.integer):
             raise DataError(f"{path}: y_{split} must hold integers, got dtype {y.dtype}")
         if x.dtype == np.uint8:
+            if x.max() <= 1:
+                raise DataError(f"{path}: uint8 x_{split} holds only 0 and 1, which would be "
+                                "pixels of 0 and 1/255; store 0-255 (x * 255) or floats in "
+                                "[0, 1]")
             x = x.astype(np.float32) / 255.0
         elif np.issubdtype(x.dtype, np.floating):
             if not np.all(np.isfinite(x)) or x.min() < 0 or x.max() > 1:
@@ -195,6 +209,12 @@ def load_npz(path):
                             f"(the classes seen in y_train): min {y.min()}, max {y.max()}")
     if num_classes < 2:
         raise DataError(f"{path}: y_train has a single class; need at least 2")
+    absent = sorted(set(range(num_classes)) - set(np.unique(y_train).tolist()))
+    if absent:
+        raise DataError(f"{path}: y_train has no example of class {', '.join(map(str, absent[:5]))}"
+                        f"{', ...' if len(absent) > 5 else ''} of 0..{num_classes - 1}; labels "
+                        "must be 0..K-1 with every class present"
+                        + (" (labels from 1? subtract 1)" if absent == [0] else ""))
     return (x_train, y_train), (x_test, y_test), num_classes
 
 

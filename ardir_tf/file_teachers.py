@@ -247,8 +247,13 @@ class OnnxTeacher(Teacher):
                             f"({self.providers[0]}; {self.prep.describe()})")
         # Shapes of the outputs as the model gives them (before any transpose),
         # from one probe run: ONNX graphs often leave non-batch dims symbolic.
-        probe = self.session.run(self.output_names, {
-            self.input_name: self.prep(tf.zeros([2, *input_shape])).numpy()})
+        try:
+            probe = self.session.run(self.output_names, {
+                self.input_name: self.prep(tf.zeros([2, *input_shape])).numpy()})
+        except Exception as err:  # ONNX Runtime's errors are not ValueErrors
+            raise TeacherError(f"{path}: ONNX Runtime cannot run it on 2 images of the "
+                               f"data's shape {tuple(input_shape)}: "
+                               f"{str(err).splitlines()[0][:300]}") from None
         self._raw_shapes = [tuple(p.shape[1:]) for p in probe]
         bad = [n for n, p in zip(self.output_names, probe) if p.dtype != np.float32]
         if bad:

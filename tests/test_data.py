@@ -46,7 +46,14 @@ def test_npz_loads_as_pixels_with_a_channel(tmp_path):
     (dict(y_test=np.full(8, 9)), "labels outside \\[0, 3\\]"),
     (dict(y_train=np.linspace(0, 3, 20)), "y_train must hold integers"),
     (dict(x_test=np.full((8, 6, 6), 2.0)), "finite pixels in \\[0, 1\\]"),
-    (dict(x_test=np.zeros((8, 5, 5), np.uint8)), "test images are"),
+    (dict(x_test=np.full((8, 5, 5), 7, np.uint8)), "test images are"),
+    # Silently wrong before: labels from 1 (class 0 empty), channels-first images,
+    # a 0/1 uint8 mask read as pixels of 0 and 1/255.
+    (dict(y_train=np.arange(20) % 4 + 1, y_test=np.arange(8) % 4 + 1),
+     "no example of class 0 of 0..4;.*subtract 1"),
+    (dict(x_train=np.full((20, 3, 6, 6), 9, np.uint8)), "looks channels-first"),
+    (dict(x_train=np.ones((20, 6, 6), np.uint8)), "uint8 x_train holds only 0 and 1"),
+    (dict(x_train=np.uint8(3)), "must be arrays of images and labels"),
     (dict(x_train=np.zeros((0, 6, 6), np.uint8), y_train=np.zeros(0, np.int64)),
      "x_train is empty"),
 ])
@@ -74,6 +81,13 @@ def test_tfds_class_names_come_from_the_label_feature():
     assert data._tfds_class_names(Info(["cat", "dog"]), 2) == ("cat", "dog")
     assert data._tfds_class_names(Info(["cat", "dog"]), 3) == ("0", "1", "2")
     assert data._tfds_class_names(object(), 2) == ("0", "1")
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short"], ids=["empty", "truncated"])
+def test_an_empty_or_truncated_npz_is_a_data_error(tmp_path, content):
+    (tmp_path / "cut.npz").write_bytes(content)
+    with pytest.raises(data.DataError, match="cannot read"):
+        data.load(f"npz:{tmp_path / 'cut.npz'}", 8)
 
 
 def test_a_single_array_file_is_not_an_npz(tmp_path):

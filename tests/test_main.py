@@ -481,7 +481,12 @@ def bad_runs(tmp_path_factory, digits_run):
                  locked_training=([f"--workdir={root / 'locked'}"],
                                   f"is in use by another process (pid {os.getpid()})"),
                  locked_evaluate=([f"--workdir={root / 'locked'}", "--mode=evaluate"],
-                                  f"is in use by another process (pid {os.getpid()})"))
+                                  f"is in use by another process (pid {os.getpid()})"),
+                 # A TensorFlow op's error (here the loss's check_numerics): its
+                 # message's meaningful line, not "Graph execution error:".
+                 nan_loss=(["--lr=1e30", "--optimizer=sgd", "--natural_epochs=1"],
+                           "InvalidArgumentError: the training loss is NaN or Inf (lower "
+                           "the learning rate"))
     workdirs = {name: next((pathlib.Path(a.split("=", 1)[1]) for a in args
                             if a.startswith("--workdir=")), root / name)
                 for name, (args, _) in cases.items()}
@@ -531,7 +536,8 @@ TEACHER_FILES = ["onnx_missing", "onnx_corrupt", "onnx_shape", "onnx_classes", "
 
 @pytest.mark.parametrize("case", [*BAD, "npz_keys", "teacher_corrupt", "teacher_shape",
                                   "tfds_unprepared", "another_run", "not_a_run",
-                                  "locked_training", "locked_evaluate", *TEACHER_FILES])
+                                  "locked_training", "locked_evaluate", "nan_loss",
+                                  *TEACHER_FILES])
 def test_bad_flag_gets_a_one_line_message(bad_runs, case):
     proc, message = bad_runs[case]
     assert proc.returncode != 0

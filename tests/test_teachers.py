@@ -97,6 +97,20 @@ def distil_init():
     return [w.numpy() for w in student.weights]
 
 
+def test_an_onnx_teacher_onnx_runtime_cannot_run_is_a_teacher_error(files, monkeypatch):
+    """ONNX Runtime's own errors (e.g. a graph with open height and width whose
+    dense layer fixes them) are not ValueErrors: the loader says what failed."""
+    import onnxruntime
+
+    def fails(self, *args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions")
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", fails)
+    with pytest.raises(teachers.TeacherError, match="ONNX Runtime cannot run it on 2 images "
+                                                    r"of the data's shape \(8, 8, 1\): "
+                                                    r"\[ONNXRuntimeError\]"):
+        teachers.load(files["onnx"], LAYERS, input_shape=(8, 8, 1))
+
+
 def test_an_nchw_onnx_teacher_gives_its_representations_in_nhwc(files):
     x = batch(16, seed=2)[0]
     nhwc = teachers.load(files["onnx"], LAYERS, input_shape=(8, 8, 1))
