@@ -276,22 +276,29 @@ def as_teacher(teacher, layers=(), input_shape=None):
                        f"or a callable returning {{'logits': ...}}; got {type(teacher).__name__}")
 
 
-def accuracy(teacher, x, y, batch_size=256):
+def accuracy(teacher, x, y, batch_size=256, nonfinite=None):
     """Clean accuracy of `teacher` (or any x -> logits/dict callable) on numpy x, y,
-    and its predictions."""
-    preds = []
+    and its predictions. `nonfinite` (a list): gets the number of images whose
+    logits hold NaN or Inf (counted wrong)."""
+    preds, bad = [], 0
     for i in range(0, len(x), batch_size):
         out = teacher(tf.constant(x[i: i + batch_size], tf.float32))
-        logits = out["logits"] if isinstance(out, dict) else out
-        preds.append(np.argmax(np.asarray(logits), -1))
+        logits = np.asarray(out["logits"] if isinstance(out, dict) else out)
+        finite = np.all(np.isfinite(logits), axis=-1)
+        bad += int((~finite).sum())
+        preds.append(np.where(finite, np.argmax(np.nan_to_num(logits), -1), -1))
     preds = np.concatenate(preds) if preds else np.zeros([0], np.int64)
+    if nonfinite is not None:
+        nonfinite.append(bad)
     return float(np.mean(preds == np.asarray(y).reshape(-1))), preds
 
 
-def outputs_probabilities(teacher, x):
+def outputs_probabilities(teacher, x, raw=False):
     """Whether `teacher`'s logits on `x` look like softmax probabilities: every
-    row in [0, 1], summing to 1 within PROBABILITY_ROW_TOLERANCE."""
-    out = teacher(tf.convert_to_tensor(np.asarray(x, np.float32)), training=False)
+    row in [0, 1], summing to 1 within PROBABILITY_ROW_TOLERANCE (`raw`: the
+    outputs of a Teacher declared to give probabilities, before their log)."""
+    x = tf.convert_to_tensor(np.asarray(x, np.float32))
+    out = teacher._fn(x) if raw else teacher(x, training=False)
     logits = np.asarray(out["logits"] if isinstance(out, dict) else out, np.float64)
     return bool(len(logits)) and bool(
         np.all(logits >= 0) and np.all(logits <= 1) and
@@ -317,7 +324,19 @@ def check(teacher, x, y, num_classes, retry=None, margin=0.1):
             "would be softmax(probabilities), nearly uniform; give a model that returns "
             "logits, or say outputs='probabilities' (--teacher_outputs=probabilities, for "
             "SavedModel and ONNX teachers) to use their log")
-    acc, preds = accuracy(teacher, x, y)
+    if getattr(teacher, "outputs", "logits") == "probabilities" and \
+            not outputs_probabilities(teacher, x[:256], raw=True):
+        raise TeacherError(
+            "the teacher was said to output probabilities (--teacher_outputs=probabilities), "
+            "but its outputs on the test images are not rows in [0, 1] summing to 1: they "
+            "are logits; drop --teacher_outputs=probabilities (their log would distort "
+            "every distillation target)")
+    nonfinite = []
+    acc, preds = accuracy(teacher, x, y, nonfinite=nonfinite)
+    if nonfinite[0]:
+        raise TeacherError(f"the teacher's outputs are NaN or infinite on {nonfinite[0]} of "
+                           f"{len(y)} test images; check the file (a broken export) and "
+                           "that its inputs are the pixels it was trained on")
     chance = 1.0 / num_classes
     report = {"clean_accuracy": acc, "n_examples": int(len(y)), "chance": chance}
     floor = chance + margin * (1 - chance)
@@ -354,6 +373,8 @@ def check(teacher, x, y, num_classes, retry=None, margin=0.1):
         causes.append(f"its classes are in another order (a fixed relabelling of its "
                       f"predictions scores {relabelled:.3f})")
     cause = ("likely cause: " + "; or ".join(causes)) if causes else (
+        "check that it was trained on this data set, with pixels in [0, 1] and the same "
+        "class order" if isinstance(teacher, KerasTeacher) else
         "check the layout (--teacher_layout), the input scaling (--teacher_input_scale, "
         "--teacher_mean, --teacher_std) and the class order")
     raise TeacherError(f"the teacher's clean accuracy on {len(y)} test images is {acc:.3f}, "

@@ -462,7 +462,7 @@ def bad_runs(tmp_path_factory, digits_run):
                                "input_scale=255 (--teacher_input_scale=255)"),
                  onnx_scale_flag=(["--teacher_input_scale=0"], "--teacher_input_scale: must be > 0"),
                  keras_at_chance=([f"--teacher={chance_keras}"],
-                                  "near chance (0.100); check the layout"),
+                                  "near chance (0.100); check that it was trained on this data set"),
                  saved_model_at_chance=([f"--teacher={chance_saved_model}"],
                                         "near chance (0.100)"),
                  saved_model_probabilities=([f"--teacher={softmax_saved_model}"],

@@ -223,6 +223,22 @@ def test_a_teacher_that_outputs_probabilities_is_refused_or_converted(trained, d
     trained["teacher"].save(keras_path)
     with pytest.raises(teachers.TeacherError, match="outputs are for SavedModel and ONNX"):
         teachers.load(keras_path, outputs="probabilities")
+    # Said to give probabilities, a file giving logits is refused: the log of
+    # its logits would distort every target while its argmax stays right.
+    logits = make(trained["teacher"], tmp_path / f"logits.{kind}")
+    with pytest.raises(teachers.TeacherError, match="said to output probabilities.*they are "
+                                                    "logits"):
+        teachers.check(teachers.load(logits, input_shape=(8, 8, 1), outputs="probabilities"),
+                       x, y, 10)
+
+
+def test_a_teacher_giving_nan_is_not_called_near_chance(digits):
+    _, (x, y) = digits
+
+    def broken(z, training=False):
+        return {"logits": tf.fill([tf.shape(z)[0], 10], float("nan"))}
+    with pytest.raises(teachers.TeacherError, match="NaN or infinite on 300 of 300"):
+        teachers.check(broken, x[:300], y[:300], 10)
 
 
 def test_an_onnx_teacher_cannot_read_files_outside_its_directory(tmp_path):
