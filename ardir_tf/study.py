@@ -247,10 +247,11 @@ def finished_rows(root, evaluation=None):
     """
     found = _finished_cells(root)
     if evaluation is None:
-        if len(evaluations(root)) > 1:
-            raise StudyError(f"the finished cells of {root} were evaluated in "
-                             f"{len(evaluations(root))} ways; pass one of study.evaluations() "
-                             "or run the study's command again to evaluate them alike")
+        ways = len({json.dumps(c[3], sort_keys=True) for c in found})
+        if ways > 1:
+            raise StudyError(f"the finished cells of {root} were evaluated in {ways} ways; "
+                             "pass one of study.evaluations() or run the study's command "
+                             "again to evaluate them alike")
         chosen = found
     else:
         chosen = [c for c in found if c[3] == evaluation]
