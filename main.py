@@ -463,8 +463,11 @@ def replaced_evaluation(workdir, name, stored, evaluation):
     before = cell.get("evaluation") or stored.get("evaluation")
     if not before or before == evaluation:
         return None
-    changed = ", ".join(f"--{cli.EVALUATION_FLAGS[k]} {before.get(k)} -> {evaluation[k]}"
-                        for k in evaluation if before.get(k) != evaluation[k])
+    changed = ", ".join(
+        f"--{cli.EVALUATION_FLAGS[k]} {before.get(k)} -> {evaluation[k]}"
+        if k in cli.EVALUATION_FLAGS else
+        f"{k} {before.get(k, 1)} -> {evaluation[k]} (what the worst case counts)"
+        for k in evaluation if before.get(k, 1 if k == "scoring" else None) != evaluation[k])
     say(f"[evaluate] {name}: replaces an evaluation made otherwise ({changed})"
         + ("; the study will evaluate this cell again" if cell else ""))
     return cell or None

@@ -16,6 +16,11 @@ they fail, and the model looks robust when it is not).
 Each returns {"passed": bool, "message": str, ...the numbers it used}. They
 run on the first `sanity_examples` examples of the evaluation (see
 `ardir_tf.evaluate`), and reuse its per-example results where they can.
+
+Their attacks within the threat model (PGD-10, PGD-20 and PGD-100 at eps, and
+Square-1000 when the evaluation has no gradient-free attack) are attacks like
+any other: `check` also returns which examples survived all of them, and the
+evaluation's worst case counts an example only if it survived these too.
 """
 
 import functools
@@ -47,7 +52,14 @@ def _not_rising(values, n):
 
 
 def run_checks(runner, x, y, clean, robust, gradient_free, *, eps, norm, verbose=0):
-    """The four checks on examples (x, y).
+    """The four checks on examples (x, y): `check`'s checks alone."""
+    return check(runner, x, y, clean, robust, gradient_free, eps=eps, norm=norm,
+                 verbose=verbose)[0]
+
+
+def check(runner, x, y, clean, robust, gradient_free, *, eps, norm, verbose=0):
+    """The four checks on examples (x, y), and which examples survived their
+    attacks within the threat model.
 
     Args:
       runner: an `evaluate._Runner`.
@@ -55,13 +67,21 @@ def run_checks(runner, x, y, clean, robust, gradient_free, *, eps, norm, verbose
       robust: {attack name: booleans} the evaluation's results on these examples.
       gradient_free: {attack name: bool}.
       eps, norm: the threat model.
+
+    Returns:
+      (checks, survived): checks {name: result} as the module docstring says,
+      plus n_examples; survived, booleans [n]: the model is right on the
+      example after every attack the checks ran within eps (PGD-10, PGD-20,
+      PGD-100, and their own Square-1000 when they ran it). Where `clean` is
+      False it is False.
     """
     n = len(y)
     out = {"n_examples": int(n)}
     if eps <= 0 or n == 0:
         skipped = {"passed": None, "message": "not run (eps is 0 or no examples)"}
-        return {**out, **{k: dict(skipped) for k in
-                          ("eps_sweep", "more_steps", "unbounded", "square_vs_gradient")}}
+        return ({**out, **{k: dict(skipped) for k in
+                           ("eps_sweep", "more_steps", "unbounded", "square_vs_gradient")}},
+                np.asarray(clean, bool).copy())
 
     todo = np.flatnonzero(clean)
 
@@ -118,21 +138,26 @@ def run_checks(runner, x, y, clean, robust, gradient_free, *, eps, norm, verbose
         f"unbounded PGD-100 leaves {unbounded:.1%} correct (expected <= "
         f"{UNBOUNDED_MAX_ACCURACY:.0%}): gradients do not lead the attack anywhere"}
 
-    out["square_vs_gradient"] = _square_check(runner, x, y, robust, gradient_free, at_eps,
-                                              eps, norm, verbose)
-    return out
+    out["square_vs_gradient"], square_right = _square_check(
+        runner, x, y, robust, gradient_free, at_eps, eps, norm, verbose)
+    survived = np.asarray(clean, bool) & ten & at_eps & hundred
+    if square_right is not None:
+        survived &= square_right
+    return out, survived
 
 
 def _square_check(runner, x, y, robust, gradient_free, at_eps, eps, norm, verbose):
     """The gradient-free check: the share of the examples the gradient attacks
     left standing (PGD-20 at eps, `at_eps`, when the evaluation ran none) that
     the evaluation's gradient-free attacks, or Square-SANITY_SQUARE_QUERIES,
-    broke."""
+    broke. Returns (the check's result, booleans [n] right after its own
+    Square, or None when it used the evaluation's gradient-free attacks)."""
     gradient = [r for name, r in robust.items() if not gradient_free[name]] or [at_eps]
     gradient_robust = np.logical_and.reduce(gradient)
     free = [r for name, r in robust.items() if gradient_free[name]]
     if free:
         free_robust, source = np.logical_and.reduce(free), "the evaluation's"
+        own = None
     else:
         square = functools.partial(attacks.square, eps=eps, norm=norm,
                                    queries=SANITY_SQUARE_QUERIES)
@@ -143,6 +168,9 @@ def _square_check(runner, x, y, robust, gradient_free, at_eps, eps, norm, verbos
         if len(left):
             free_robust[left] = runner.right("sanity-square", square, x[left], y[left])
         source = f"Square-{SANITY_SQUARE_QUERIES}"
+        # Square ran only where the gradient attacks failed; elsewhere the
+        # model is already wrong under them.
+        own = free_robust
     # The share of the examples the gradient attacks left standing that Square
     # broke: of those examples, not of all (at 5% robust accuracy a share of all
     # could never pass 5%, however masked the gradients).
@@ -164,4 +192,4 @@ def _square_check(runner, x, y, robust, gradient_free, at_eps, eps, norm, verbos
     return {
         "passed": ok, "gradient_accuracy": float(gradient_robust.mean()),
         "square_accuracy": float(free_robust.mean()), "square_only": square_only,
-        "standing": standing, "square_broke": broken, "message": message}
+        "standing": standing, "square_broke": broken, "message": message}, own

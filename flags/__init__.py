@@ -499,8 +499,12 @@ EVALUATION_FLAGS = {"attacks": "attacks", "eval_steps": "eval_steps",
 
 
 def evaluation():
-    """The evaluation the flags ask for, as its record names it."""
-    return {key: FLAGS[flag].value for key, flag in EVALUATION_FLAGS.items()}
+    """The evaluation the flags ask for, as its record names it, with the
+    library's `evaluate.SCORING` (what its worst case counts): one recorded
+    under another scoring is not the same evaluation."""
+    from ardir_tf import evaluate  # here, not at the top: --help imports no TensorFlow
+    return {**{key: FLAGS[flag].value for key, flag in EVALUATION_FLAGS.items()},
+            "scoring": evaluate.SCORING}
 
 
 def adopt_evaluation(recorded):

@@ -245,6 +245,46 @@ def test_square_vs_gradient_is_a_share_of_the_points_left_standing():
     assert "left no example standing" in none["message"]
 
 
+def test_the_checks_return_which_points_survived_their_attacks_within_eps():
+    # PGD (every run of it, here) breaks examples 0-2; the checks' own Square
+    # (the evaluation has no gradient-free attack) breaks example 5.
+    n = 10
+    x, y = np.zeros((n, 8, 8, 1), np.float32), np.zeros(n, np.int64)
+    clean = np.ones(n, bool)
+    pgd_breaks = np.isin(np.arange(n), [0, 1, 2])
+    runner = StubRunner(pgd_breaks, np.isin(np.arange(n), [5]))
+    checks, survived = sanity.check(runner, x, y, clean, {"none": clean}, {"none": False},
+                                    eps=0.1, norm="linf")
+    np.testing.assert_array_equal(np.flatnonzero(~survived), [0, 1, 2, 5])
+    assert checks == sanity.run_checks(runner, x, y, clean, {"none": clean}, {"none": False},
+                                       eps=0.1, norm="linf")
+    # With a gradient-free attack in the evaluation the checks run no Square of
+    # their own: only their PGDs count.
+    _, survived = sanity.check(runner, x, y, clean, {"none": clean, "free": clean},
+                               {"none": False, "free": True}, eps=0.1, norm="linf")
+    np.testing.assert_array_equal(np.flatnonzero(~survived), [0, 1, 2])
+
+
+def test_points_the_sanity_checks_break_within_eps_are_not_counted_robust(trained, digits):
+    """An evaluation whose only attack does nothing: its own numbers say the
+    natural model is as robust as it is accurate, but the checks' PGD at eps
+    breaks most of the examples they run on, and the worst case counts that."""
+    nothing = evaluate.Attack(lambda model_fn, x, y: x, {"attack": "nothing"})
+    r = evaluate.evaluate(trained["natural"], digits_ds(digits, 48), 0.15,
+                          attacks={"nothing": nothing}, sanity_examples=32, verify=False,
+                          verbose=0)
+    assert r["robust_accuracy"]["nothing"] == r["clean_accuracy"] > 0.9
+    assert r["sanity_broke"] >= 16, r["sanity_checks"]["more_steps"]  # measured: 32
+    assert r["worst_case_accuracy"] == pytest.approx(
+        r["robust_accuracy"]["nothing"] - r["sanity_broke"] / 48)
+    # PGD-100 at eps alone leaves no more than that standing among the 32.
+    hundred = r["sanity_checks"]["more_steps"]["accuracy"][-1]
+    assert r["worst_case_accuracy"] * 48 <= hundred * 32 + 16 + 1e-9
+    assert sum(c["robust_accuracy"] * c["n"] for c in r["per_class"].values()) == \
+        pytest.approx(r["worst_case_accuracy"] * 48)
+    assert r["scoring"] == evaluate.SCORING == 2
+
+
 class MaskedNear(keras.Model):
     """The natural model, but with a zero gradient within eps of a few images
     (the quantisation above, only there): a model with low robust accuracy

@@ -136,8 +136,15 @@ def test_evaluate_mode_reports_every_attack_and_keeps_other_eps_apart(digits_run
     # one model is enough here (APGD-T's 9 x 100 steps cost seconds a model).
     workdir = tmp_path / "run"
     workdir.mkdir()
-    for name in ("flags.json", "metrics.json", "student.keras"):
+    for name in ("flags.json", "student.keras"):
         (workdir / name).write_bytes((digits_run[0] / name).read_bytes())
+    # The student's evaluation as a run made before the worst case counted the
+    # sanity checks' attacks recorded it (no "scoring").
+    old = metrics(digits_run[0])
+    old["student"]["evaluation"] = {"attacks": ["fast"], "eval_steps": 3, "eval_examples": 32,
+                                    "sequential": True, "sanity_examples": 32, "seed": 0,
+                                    "verify_unreliable": True}
+    (workdir / "metrics.json").write_text(json.dumps(old))
     proc = ok(run("--mode=evaluate", f"--workdir={workdir}", "--eval_steps=3",
                   "--attacks=fast,standard", "--sequential_attacks", "--eval_examples=32",
                   "--sanity_examples=32"))
@@ -159,6 +166,9 @@ def test_evaluate_mode_reports_every_attack_and_keeps_other_eps_apart(digits_run
     assert student["sanity_checks"]["n_examples"] == 32 and student["reliable"] is not None
     assert "worst class" in proc.stdout and "apgd_t" in proc.stdout
     assert "[evaluate] student:" in proc.stdout and "[evaluate] teacher" not in proc.stdout
+    assert "replaces an evaluation made otherwise (--attacks ['fast'] -> ['fast', " \
+        "'standard'], scoring 1 -> 2 (what the worst case counts))" in proc.stdout, proc.stdout
+    assert student["scoring"] == 2 and student["sanity_broke"] >= 0
     png = workdir / "robustness-linf-0.15.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
     # The report records its evaluation's settings, which the next --mode=evaluate
@@ -166,7 +176,7 @@ def test_evaluate_mode_reports_every_attack_and_keeps_other_eps_apart(digits_run
     assert student["evaluation"] == {"attacks": ["fast", "standard"], "eval_steps": 3,
                                      "eval_examples": 32, "sequential": True,
                                      "sanity_examples": 32, "seed": 0,
-                                     "verify_unreliable": True}
+                                     "verify_unreliable": True, "scoring": 2}
     # Another eps is stored beside the run's own entry, not over it. Given: the
     # attacks, and smoke.cfg's PGD-2 and 64 images; kept: the sequential rule.
     before = metrics(workdir)["student"]
