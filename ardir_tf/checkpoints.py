@@ -71,10 +71,10 @@ class Checkpoints:
 class Parts:
     """The finished batches of one step of an evaluation, each kept as
     `<step>.batch-<i>.npz` under the step's key: an attack killed halfway
-    resumes at its first unfinished batch. The resumed batches' random draws
-    (random starts, Square's proposals) are fresh ones, as the kept batches'
-    were, so the result is as valid as an uninterrupted run's but not
-    bit-identical to it."""
+    resumes at its first unfinished batch. A batch's random draws (random
+    starts, Square's proposals) depend on the seed and the batch alone
+    (evaluate's runner), so the resumed attack's result is the uninterrupted
+    one's."""
 
     def __init__(self, directory, step, key):
         self.directory, self.step, self.key = directory, step, key

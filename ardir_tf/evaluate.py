@@ -27,7 +27,8 @@ plain dict, ready for JSON:
     verified              None, or after a failed check: {failed_checks, attacks
                           (the standard ones added), robust_accuracy (cumulative
                           after each), attack_seconds, worst_case_accuracy,
-                          unverified_worst_case_accuracy (before them)}
+                          unverified_worst_case_accuracy (the evaluation's
+                          attacks' alone)}
     eps, norm, n_examples, seed, seconds, sequential
 
 Attack presets (`SUITES`): "fast" is FGSM, PGD-k and CW-inf (PGD on the CW
@@ -63,7 +64,8 @@ from ardir_tf.checkpoints import Checkpoints, kept_seconds, todo_key
 # number (a study's cell, a run's report) counted otherwise, and is repeated.
 #   1  the evaluation's attacks (and the standard ones `verify` adds)
 #   2  also the sanity checks' own attacks within eps (PGD-10/20/100, their
-#      Square-1000), on the examples the checks ran on
+#      Square-1000), on the examples the checks ran on; and each batch's random
+#      draws depend on (seed, batch) alone, so other draws than 1's
 SCORING = 2
 
 
@@ -143,10 +145,14 @@ class _Runner:
     """Compiled 'is the model still right after this attack?' functions, run over
     batches. One concrete function per attack, traced once for every batch size.
 
-    Random attacks repeat for a seed without touching TensorFlow's global seed:
-    each function sets the seed of its own graph (tf.random.set_seed inside a
-    trace sets only that graph's seed), so its random ops draw as they would
-    after a global tf.random.set_seed(seed), and the caller's random state is
+    Random attacks repeat for a seed without touching TensorFlow's global seed.
+    The library's attacks draw from a tf.random.Generator of the function's own
+    (`attacks.drawing_from`), reset before each batch from (seed, batch
+    index): a batch draws the same numbers whichever batches ran before it, so
+    an evaluation resumed at batch k (`Parts`) gives an uninterrupted one's
+    result. Other random ops (a custom attack's tf.random calls) repeat for the
+    whole call: each function sets the seed of its own graph (tf.random.set_seed
+    inside a trace sets only that graph's seed). The caller's random state is
     left as it was."""
 
     def __init__(self, model, example_shape, batch_size, seed):
@@ -154,7 +160,7 @@ class _Runner:
         self.example = tf.TensorSpec([None, *example_shape], tf.float32)
         self.batch_size = batch_size
         self.seed = int(seed)
-        self._compiled = {}
+        self._compiled, self._generators = {}, {}
 
     def _run(self, key, make_attack, *arrays, bar=None, parts=None):
         if key not in self._compiled:
@@ -175,12 +181,16 @@ class _Runner:
             # calling concrete functions keeps TensorFlow's "frequent retracing"
             # warning (meant for accidental retraces) quiet without touching its
             # logger.
-            self._compiled[key] = tf.function(fn, autograph=False).get_concrete_function(
-                self.example, tf.TensorSpec([None], tf.int64), *extra)
-        fn, out = self._compiled[key], []
+            generator = tf.random.Generator.from_seed(seed)
+            with attacks_lib.drawing_from(generator):
+                self._compiled[key] = tf.function(fn, autograph=False).get_concrete_function(
+                    self.example, tf.TensorSpec([None], tf.int64), *extra)
+            self._generators[key] = generator
+        fn, generator, out = self._compiled[key], self._generators[key], []
         for b, i in enumerate(range(0, len(arrays[1]), self.batch_size)):
             got = parts.get(b) if parts is not None else None
             if got is None:
+                generator.reset_from_seed(self.seed * 2 ** 32 + b)  # (seed, batch) alone
                 started = time.perf_counter()
                 got = [t.numpy() for t in fn(*(tf.convert_to_tensor(a[i: i + self.batch_size])
                                                for a in arrays))]
@@ -272,6 +282,7 @@ def survivors(model, x, y, attacks, *, seed=0, batch_size=256):
     Every example is attacked: the caller picks which. A mixed-precision
     keras.Model is run as its float32 copy, as `evaluate` runs it."""
     model = precision.float32_model(model)
+    x, y = np.asarray(x, np.float32), np.asarray(y).reshape(-1).astype(np.int64)
     runner = _Runner(model, x.shape[1:], batch_size, seed)
     out = {}
     for name, attack in attacks.items():
@@ -379,12 +390,13 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
     checks = kept["json_checks"]
     # The checks' own attacks within eps count as the evaluation's: a point they
     # broke is not robust, whichever attack found it.
+    own_worst = float(standing.mean())  # the evaluation's attacks alone
     sanity_broke = int(np.sum(standing[:m] & ~kept["survived"]))
     standing[:m] &= kept["survived"].astype(bool)
     verified = None
     if verify and _reliable(checks) is False:
         verified = _verify(runner, x, y, standing, attacks, checks, eps, norm,
-                           batch_size, model, verbose, checkpoints)
+                           batch_size, model, verbose, checkpoints, own_worst)
     per_class, weakest = _per_class(y, clean, standing)
     return {
         "clean_accuracy": float(clean.mean()),
@@ -435,9 +447,10 @@ def _per_class(y, clean, worst):
 
 
 def _verify(runner, x, y, standing, attacks, checks, eps, norm, batch_size, model,
-            verbose, checkpoints):
+            verbose, checkpoints, own_worst):
     """The standard attacks the evaluation lacks, each on the points still
-    standing (updated in place). Returns the report's "verified" entry."""
+    standing (updated in place). Returns the report's "verified" entry;
+    `own_worst`: the worst case over the evaluation's attacks alone."""
     failed = [name for name, c in checks.items()
               if isinstance(c, dict) and c.get("passed") is False]
     # A standard attack counts as run when one with its function and eps is in
@@ -445,7 +458,6 @@ def _verify(runner, x, y, standing, attacks, checks, eps, norm, batch_size, mode
     present = {(a.settings.get("attack"), a.settings.get("eps")) for a in attacks.values()}
     extra = {name: a for name, a in standard(eps, norm).items()
              if (a.settings["attack"], eps) not in present}
-    before = float(standing.mean())
     accuracy, seconds = {}, {}
     if verbose:
         print(f"  a sanity check failed ({', '.join(failed)}): the standard attacks "
@@ -470,7 +482,7 @@ def _verify(runner, x, y, standing, attacks, checks, eps, norm, batch_size, mode
         accuracy[name] = float(standing.mean())
     return {"failed_checks": failed, "attacks": list(extra),
             "robust_accuracy": accuracy, "attack_seconds": seconds,
-            "unverified_worst_case_accuracy": before,
+            "unverified_worst_case_accuracy": own_worst,
             "worst_case_accuracy": float(standing.mean())}
 
 

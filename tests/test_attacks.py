@@ -585,3 +585,23 @@ def test_fab_bad_arguments(tiny, kwargs, message):
     x, y = batch(2)
     with pytest.raises(ValueError, match=message):
         attacks.fab(tiny, x, y, **kwargs)
+
+
+def test_attacks_draw_from_the_generator_they_are_traced_with():
+    """attacks.uniform/normal inside drawing_from(g) at trace time draw from g:
+    resetting g repeats the draws (what evaluate does before each batch);
+    traced outside it, they are TensorFlow's stateful ops, which g leaves alone."""
+    g = tf.random.Generator.from_seed(3)
+    with attacks.drawing_from(g):
+        drawn = tf.function(lambda: tf.concat([attacks.uniform([4]), attacks.normal([4])], 0)
+                            ).get_concrete_function()
+    plain = tf.function(lambda: attacks.uniform([4])).get_concrete_function()
+    g.reset_from_seed(7)
+    first = drawn().numpy()
+    g.reset_from_seed(7)
+    np.testing.assert_array_equal(drawn().numpy(), first)
+    g.reset_from_seed(8)
+    assert not np.array_equal(drawn().numpy(), first)
+    state = g.state.numpy()
+    plain()
+    np.testing.assert_array_equal(g.state.numpy(), state)

@@ -16,6 +16,11 @@ Square attack, which needs no gradients (it catches gradient masking). CW-inf
 is `pgd(..., loss="cw")`. With `restarts`, an attack runs again from a new
 random start and keeps, per example, the first run that fooled the model.
 
+Their random numbers come from `uniform` and `normal`: TensorFlow's stateful
+random ops (a graph seed repeats them), or inside `drawing_from(generator)`
+a tf.random.Generator's, which `evaluate` resets before each batch so that a
+batch's draws depend on the seed and the batch only.
+
 `fab` and `fab_targeted` are Croce & Hein's (2020) FAB and FAB-T: the
 adversarial example of least Linf or L2 norm they can find, with AutoAttack's
 step parameters; FAB-T is the fourth attack of AutoAttack's standard set.
@@ -33,10 +38,11 @@ One module a family, and one for what they share; every name is read from here
 
 from ardir_tf.attacks._apgd import _apgd_checkpoints, apgd, apgd_targeted  # noqa: F401
 from ardir_tf.attacks._common import (  # noqa: F401
-    LOSSES, NORMS, _first_success, _logits, attack_objective)
+    LOSSES, NORMS, _first_success, _logits, attack_objective, drawing_from, normal, uniform)
 from ardir_tf.attacks._fab import box_projection, fab, fab_targeted  # noqa: F401
 from ardir_tf.attacks._pgd import PGD, fgsm, pgd, pgd_per_example  # noqa: F401
 from ardir_tf.attacks._square import _square_l2_pattern, _square_p, square  # noqa: F401
 
 __all__ = ["LOSSES", "NORMS", "PGD", "apgd", "apgd_targeted", "attack_objective",
-           "box_projection", "fab", "fab_targeted", "fgsm", "pgd", "pgd_per_example", "square"]
+           "box_projection", "drawing_from", "fab", "fab_targeted", "fgsm", "normal", "pgd",
+           "pgd_per_example", "square", "uniform"]

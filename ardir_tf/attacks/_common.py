@@ -1,13 +1,51 @@
 """What every attack shares: the objectives, the argument checks, projections,
 random starts and the first-success bookkeeping of restarts and targets."""
 
+import contextlib
 import numbers
+import threading
 
 import tensorflow as tf
 
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "kl", "cw", "dlr")
+
+
+# Where the attacks draw their random numbers (random starts, Square's
+# proposals, FAB's restarts): TensorFlow's stateful random ops, repeated by a
+# graph seed as cleverhans's are, or, while `drawing_from(generator)` is active
+# when an attack is traced, that tf.random.Generator. evaluate's runner uses
+# the latter and resets the generator before each batch, so that a batch's
+# draws are a function of the seed and the batch alone (a resumed evaluation
+# draws what an uninterrupted one drew).
+_SOURCE = threading.local()
+
+
+@contextlib.contextmanager
+def drawing_from(generator):
+    """Attacks traced inside draw from `generator` (a tf.random.Generator)."""
+    previous = getattr(_SOURCE, "generator", None)
+    _SOURCE.generator = generator
+    try:
+        yield generator
+    finally:
+        _SOURCE.generator = previous
+
+
+def uniform(shape, minval=0.0, maxval=1.0, dtype=tf.float32):
+    """tf.random.uniform, or the active `drawing_from` generator's. A custom
+    attack that draws through it repeats per batch in `evaluate`."""
+    generator = getattr(_SOURCE, "generator", None)
+    if generator is None:
+        return tf.random.uniform(shape, minval, maxval, dtype)
+    return generator.uniform(shape, minval, maxval, dtype)
+
+
+def normal(shape):
+    """tf.random.normal, or the active `drawing_from` generator's."""
+    generator = getattr(_SOURCE, "generator", None)
+    return tf.random.normal(shape) if generator is None else generator.normal(shape)
 
 
 def _logits(outputs):
@@ -112,11 +150,11 @@ def _project(delta, eps, norm):
 def _random_start(x, eps, norm):
     if norm == "linf":
         if isinstance(eps, float):  # the same draw as cleverhans from the same seed
-            return tf.random.uniform(tf.shape(x), -eps, eps)
-        return tf.random.uniform(tf.shape(x), -1.0, 1.0) * eps
-    direction = tf.random.normal(tf.shape(x))
+            return uniform(tf.shape(x), -eps, eps)
+        return uniform(tf.shape(x), -1.0, 1.0) * eps
+    direction = normal(tf.shape(x))
     direction /= _per_example_norm(direction) + 1e-12
-    radius = tf.random.uniform(tf.concat([tf.shape(x)[:1], tf.ones_like(tf.shape(x)[1:])], 0))
+    radius = uniform(tf.concat([tf.shape(x)[:1], tf.ones_like(tf.shape(x)[1:])], 0))
     return direction * radius * eps
 
 

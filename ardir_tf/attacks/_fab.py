@@ -7,7 +7,8 @@ import numpy as np
 import tensorflow as tf
 
 from ardir_tf.attacks._common import (
-    _check, _check_count, _check_restarts, _logits, _project, _succeeded, _true_logit)
+    _check, _check_count, _check_restarts, _logits, _project, _succeeded, _true_logit, normal,
+    uniform)
 
 
 def _flat(t):
@@ -159,8 +160,7 @@ def _fab_run(model_fn, x, y, targets, norm, steps, alpha_max, eta, beta, clip, s
 
 def _fab_start(x, eps, norm, clip):
     """A restart's start: a random point at distance eps / 2 (as the reference)."""
-    direction = tf.random.uniform(tf.shape(x), -1.0, 1.0) if norm == "linf" else \
-        tf.random.normal(tf.shape(x))
+    direction = uniform(tf.shape(x), -1.0, 1.0) if norm == "linf" else normal(tf.shape(x))
     flat = _flat(direction)
     scale = (eps / 2) / (_norm_p(flat, norm) + 1e-12)
     return tf.clip_by_value(x + tf.reshape(flat * scale[:, None], tf.shape(x)), *clip)

@@ -6,7 +6,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from ardir_tf.attacks._common import _check, _logits, _other_max, _per_example_norm, _true_logit
+from ardir_tf.attacks._common import (
+    _check, _logits, _other_max, _per_example_norm, _true_logit, uniform)
 
 
 def _square_p(p_init, i, queries):
@@ -95,11 +96,11 @@ def square(model_fn, x, y, *, eps, queries=5000, norm="linf", p_init=0.8,
         return _true_logit(logits, labels) - _other_max(logits, labels)
 
     def signs(shape):
-        return 2.0 * tf.cast(tf.random.uniform(shape, 0, 2, tf.int32), tf.float32) - 1.0
+        return 2.0 * tf.cast(uniform(shape, 0, 2, tf.int32), tf.float32) - 1.0
 
     def corners(s):
-        return (tf.random.uniform([batch], 0, h - s + 1, tf.int32),
-                tf.random.uniform([batch], 0, w - s + 1, tf.int32))
+        return (uniform([batch], 0, h - s + 1, tf.int32),
+                uniform([batch], 0, w - s + 1, tf.int32))
 
     def mask(s, rows, cols):
         m = tf.logical_and(_window(h, rows, s)[:, :, None], _window(w, cols, s)[:, None, :])
@@ -148,7 +149,7 @@ def square(model_fn, x, y, *, eps, queries=5000, norm="linf", p_init=0.8,
         r2, c2 = corners(s)
         m1, m2 = mask(s, r1, c1), mask(s, r2, c2)
         # The pattern placed at each example's first window (transposed at random).
-        flip = tf.random.uniform([batch]) < 0.5
+        flip = uniform([batch]) < 0.5
         p = tf.where(flip[:, None, None], tf.transpose(pattern)[None], pattern[None])
         inside_r = tf.clip_by_value(tf.range(h)[None, :] - r1[:, None], 0, s - 1)
         inside_c = tf.clip_by_value(tf.range(w)[None, :] - c1[:, None], 0, s - 1)
