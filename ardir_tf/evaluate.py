@@ -65,7 +65,8 @@ from ardir_tf.checkpoints import Checkpoints, kept_seconds, todo_key
 #   1  the evaluation's attacks (and the standard ones `verify` adds)
 #   2  also the sanity checks' own attacks within eps (PGD-10/20/100, their
 #      Square-1000), on the examples the checks ran on; and each batch's random
-#      draws depend on (seed, batch) alone, so other draws than 1's
+#      draws depend on (seed, batch) alone, so other draws than 1's; FAB-T
+#      keeps the least candidate that passes its final check, not only the least
 SCORING = 2
 
 

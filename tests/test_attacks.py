@@ -605,3 +605,27 @@ def test_attacks_draw_from_the_generator_they_are_traced_with():
     state = g.state.numpy()
     plain()
     np.testing.assert_array_equal(g.state.numpy(), state)
+
+
+def test_fab_keeps_the_least_candidate_that_passes_the_final_check():
+    """Of FAB's candidates (one a target or restart), the one of least norm is
+    not adversarial once checked (here: a run reported a point that is not);
+    the next one is. The result is that next one, not x."""
+    from ardir_tf.attacks._fab import _fab_finish
+
+    def model_fn(z):  # class 0 while z[0] > 0.5, else class 1
+        return tf.stack([z[:, 0], tf.fill(tf.shape(z)[:1], 0.5)], axis=1)
+    x, y = tf.constant([[0.7, 0.0]]), tf.constant([0])
+    near, far = tf.constant([[0.55, 0.0]]), tf.constant([[0.4, 0.0]])
+    candidates = [(near, tf.constant([0.15])), (far, tf.constant([0.3]))]
+    x_adv, norms = _fab_finish(model_fn, x, y, candidates, 0.35, "linf", (0.0, 1.0), True)
+    np.testing.assert_allclose(x_adv.numpy(), far.numpy())
+    assert norms.numpy()[0] == pytest.approx(0.3)
+    # Beyond eps, the least norm found is reported as it was (x is returned).
+    x_adv, norms = _fab_finish(model_fn, x, y, candidates, 0.1, "linf", (0.0, 1.0), True)
+    np.testing.assert_allclose(x_adv.numpy(), x.numpy())
+    assert norms.numpy()[0] == pytest.approx(0.15)
+    # No candidate passes within eps: x, and no norm to show.
+    x_adv, norms = _fab_finish(model_fn, x, y, candidates[:1], 0.35, "linf", (0.0, 1.0), True)
+    np.testing.assert_allclose(x_adv.numpy(), x.numpy())
+    assert norms.numpy()[0] == np.inf

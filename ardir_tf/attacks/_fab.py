@@ -167,22 +167,29 @@ def _fab_start(x, eps, norm, clip):
 
 
 def _fab_finish(model_fn, x, y, candidates, eps, norm, clip, return_norms):
-    """Per example the candidate of least norm; x where it is above eps or not
-    adversarial after projection onto the ball and the clip range."""
-    points = tf.stack([c[0] for c in candidates])
+    """Per example the candidate of least norm among those still adversarial
+    after projection onto the ball and the clip range (a run's point can lose
+    that by a rounding's worth); x where none within eps is.
+
+    The norms returned: the chosen candidate's; beyond eps, the least found
+    (x is returned then); inf where no candidate is adversarial."""
+    points = tf.stack([c[0] for c in candidates])  # [runs, batch, ...]
     norms = tf.stack([c[1] for c in candidates])  # [runs, batch]
-    pick = tf.argmin(norms, axis=0, output_type=tf.int32)
-    best = tf.gather(tf.transpose(points, [1, 0] + list(range(2, points.shape.rank))),
-                     pick[:, None], batch_dims=1)[:, 0]
-    best_norm = tf.reduce_min(norms, axis=0)
+    runs, rank = len(candidates), x.shape.rank
+    xs = tf.tile(x, [runs] + [1] * (rank - 1))
+    flat = tf.reshape(points, tf.shape(xs))
+    projected = tf.clip_by_value(xs + _project(flat - xs, eps, norm), *clip)
+    # Never report a point as broken that is not: check each candidate itself.
+    adversarial = tf.reshape(_succeeded(model_fn, projected, tf.tile(y, [runs])), [runs, -1])
+    usable = tf.where(tf.logical_or(adversarial, norms > eps), norms, np.inf)
+    pick = tf.argmin(usable, axis=0, output_type=tf.int32)
+    least = tf.reduce_min(usable, axis=0)
+    by_example = tf.reshape(projected, tf.shape(points))
+    chosen = tf.gather(tf.transpose(by_example, [1, 0] + list(range(2, rank + 1))),
+                       pick[:, None], batch_dims=1)[:, 0]
     mask_shape = tf.concat([tf.shape(x)[:1], tf.ones_like(tf.shape(x)[1:])], 0)
-    x_adv = tf.where(tf.reshape(best_norm <= eps, mask_shape), best, x)
-    x_adv = tf.clip_by_value(x + _project(x_adv - x, eps, norm), *clip)
-    # Never report a point as broken that is not: check the returned point itself.
-    kept = tf.logical_or(_succeeded(model_fn, x_adv, y), best_norm > eps)
-    x_adv = tf.where(tf.reshape(kept, mask_shape), x_adv, x)
-    # A point the check sent back to x has no adversarial example to show.
-    return (x_adv, tf.where(kept, best_norm, np.inf)) if return_norms else x_adv
+    x_adv = tf.where(tf.reshape(least <= eps, mask_shape), chosen, x)
+    return (x_adv, least) if return_norms else x_adv
 
 
 def fab(model_fn, x, y, *, eps, norm="linf", steps=100, restarts=1, alpha_max=0.1,
