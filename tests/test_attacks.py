@@ -629,3 +629,25 @@ def test_fab_keeps_the_least_candidate_that_passes_the_final_check():
     x_adv, norms = _fab_finish(model_fn, x, y, candidates[:1], 0.35, "linf", (0.0, 1.0), True)
     np.testing.assert_allclose(x_adv.numpy(), x.numpy())
     assert norms.numpy()[0] == np.inf
+
+
+def test_pgd_per_example_keeps_the_first_iterate_that_broke_a_point():
+    """A model whose CE gradient always pushes the pixel up, misclassifying it
+    only in the band (0.45, 0.55): steps of 0.1 cross the band (from a start
+    below it) and leave it. The last iterate, which `pgd` returns, is right
+    again; pgd_per_example (the sanity checks' PGD) returns the iterate in the
+    band, so more steps can never un-break a point."""
+    def model_fn(z):
+        band = tf.stop_gradient(tf.cast(tf.abs(z[:, 0] - 0.5) < 0.05, tf.float32))
+        return tf.stack([5.0 - 5.0 * z[:, 0], 40.0 * band - 20.0, tf.zeros_like(z[:, 0])], 1)
+    n = 64
+    x, y = tf.fill([n, 1], 0.3), tf.zeros([n], tf.int64)
+    tf.random.set_seed(0)
+    kept = attacks.pgd_per_example(model_fn, x, y, eps=tf.fill([n], 0.7),
+                                   step_size=tf.fill([n], 0.1), steps=20)
+    last = attacks.pgd(model_fn, x, y, eps=0.7, step_size=0.1, steps=20)
+    fooled = lambda z: np.argmax(model_fn(z).numpy(), 1) != 0  # noqa: E731
+    assert not fooled(last).any()  # every trajectory ends at 1.0, classified right
+    # Starts below 0.45 (u < 0.214 of uniform(-1, 1): about 60%) cross the band.
+    assert 0.4 < fooled(kept).mean() < 0.8, fooled(kept).mean()
+    assert np.abs(kept.numpy() - 0.3).max() <= 0.7 + 1e-6

@@ -8,8 +8,8 @@ from typing import Callable, Optional, Tuple, Union
 import tensorflow as tf
 
 from ardir_tf.attacks._common import (
-    _check, _check_restarts, _first_success, _per_example_norm, _project, _random_start,
-    attack_objective)
+    _check, _check_restarts, _first_success, _logits, _per_example_norm, _project,
+    _random_start, attack_objective)
 
 
 def pgd(model_fn, x, y, *, eps, step_size, steps, norm="linf", loss="ce",
@@ -61,29 +61,46 @@ def pgd_per_example(model_fn, x, y, *, eps, step_size, steps, norm="linf"):
     """`pgd` (CE loss, random start, [0, 1] clip) with a radius and step size per
     example: eps and step_size are [batch] tensors. One compiled loop then
     attacks the same inputs at several radii (the eps sweep of
-    `ardir_tf.sanity`) by tiling them."""
+    `ardir_tf.sanity`) by tiling them.
+
+    Unlike `pgd`, which returns its last iterate (as Madry et al.'s and
+    cleverhans's do), it returns each example's first iterate the model
+    misclassifies, and the last one where there is none: a point PGD broke on
+    the way counts as broken, so that more steps can only break more (with a
+    fixed step size the iterates circle around the optimum, and the last one
+    can be classified right when an earlier one was not). The sanity checks
+    compare step counts and radii on that footing."""
     _check(1.0, 1.0, steps, norm, "ce", (0.0, 1.0))
     x = tf.cast(tf.convert_to_tensor(x), tf.float32)
     shape = tf.concat([tf.shape(x)[:1], tf.ones_like(tf.shape(x)[1:])], 0)
     eps = tf.reshape(tf.cast(eps, tf.float32), shape)
     step_size = tf.reshape(tf.cast(step_size, tf.float32), shape)
     return _pgd_loop(model_fn, x, tf.convert_to_tensor(y), eps, step_size, int(steps), norm,
-                     "ce", True, (0.0, 1.0), None)
+                     "ce", True, (0.0, 1.0), None, keep_first_success=True)
 
 
-def _pgd_loop(model_fn, x, y, eps, step_size, steps, norm, loss, random_start, clip, targets):
-    """The PGD iterations; eps and step_size are floats or per-example tensors."""
+def _pgd_loop(model_fn, x, y, eps, step_size, steps, norm, loss, random_start, clip, targets,
+              keep_first_success=False):
+    """The PGD iterations; eps and step_size are floats or per-example tensors.
+    keep_first_success: return each example's first misclassified iterate (the
+    last one where none is) instead of the last."""
     def to_valid(x_adv):
         x_adv = x + _project(x_adv - x, eps, norm)
         return x_adv if clip is None else tf.clip_by_value(x_adv, *clip)
 
     x_adv = to_valid(x + _random_start(x, eps, norm)) if random_start else x
+    mask_shape = tf.concat([tf.shape(x)[:1], tf.ones_like(tf.shape(x)[1:])], 0)
+    labels = tf.cast(y, tf.int64)
 
-    def step(i, x_adv):
+    def step(i, x_adv, found, first):
         with tf.GradientTape() as tape:
             tape.watch(x_adv)
-            objective = tf.reduce_sum(
-                attack_objective(loss, model_fn(x_adv), y, targets))
+            outputs = model_fn(x_adv)
+            objective = tf.reduce_sum(attack_objective(loss, outputs, y, targets))
+        if keep_first_success:  # the iterate the gradient was taken at
+            wrong = tf.not_equal(tf.argmax(_logits(outputs), -1), labels)
+            first = tf.where(tf.reshape(wrong & ~found, mask_shape), x_adv, first)
+            found = found | wrong
         grad = tape.gradient(objective, x_adv)
         if grad is None:
             raise ValueError("the attack objective does not depend on the input: "
@@ -92,11 +109,20 @@ def _pgd_loop(model_fn, x, y, eps, step_size, steps, norm, loss, random_start, c
             direction = tf.sign(grad)
         else:
             direction = grad / (_per_example_norm(grad) + 1e-12)
-        return i + 1, tf.stop_gradient(to_valid(x_adv + step_size * direction))
+        return i + 1, tf.stop_gradient(to_valid(x_adv + step_size * direction)), found, first
 
-    _, x_adv = tf.while_loop(lambda i, _: i < steps, step,
-                             (tf.constant(0), x_adv), maximum_iterations=steps)
-    return x_adv
+    if not keep_first_success:  # the training attack's loop: no bookkeeping carried
+        _, x_adv = tf.while_loop(lambda i, _: i < steps,
+                                 lambda i, z: step(i, z, None, None)[:2],
+                                 (tf.constant(0), x_adv), maximum_iterations=steps)
+        return x_adv
+    _, x_adv, found, first = tf.while_loop(
+        lambda i, *_: i < steps, step,
+        (tf.constant(0), x_adv, tf.zeros(tf.shape(x)[:1], tf.bool), x_adv),
+        maximum_iterations=steps)
+    # Where no iterate the loop stepped from was misclassified: the last one
+    # (whoever runs the attack checks it).
+    return tf.where(tf.reshape(found, mask_shape), first, x_adv)
 
 
 def fgsm(model_fn, x, y, *, eps, norm="linf", loss="ce", clip=(0.0, 1.0),
