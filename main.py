@@ -659,10 +659,7 @@ def launch(workdir):
     """--strategy=multi_worker --num_workers=N without TF_CONFIG: this command
     again as N workers on 127.0.0.1, their logs in <workdir>/workers/."""
     from ardir_tf import distribute
-    try:  # a resumed run keeps its precision, as each worker will (main)
-        cli.resume_precision(workdir.read_json(workdir.SETTINGS))
-    except ValueError:
-        pass  # claim() says what is wrong with the file
+    resume_precision(workdir)  # as each worker will (main)
     claim(workdir)  # before the workers, so that none of them finds a foreign directory
     os.environ[CLUSTER_LOCK] = str(os.getpid())  # the workers inherit it
     say(f"{FLAGS.mode}: starting {FLAGS.num_workers} workers on 127.0.0.1, workdir "
@@ -673,6 +670,16 @@ def launch(workdir):
     if status:
         fail(f"the cluster stopped (status {status}); worker logs in "
              f"{workdir.path('workers')}; run the same command again to resume")
+
+
+def resume_precision(workdir):
+    """A resumed run keeps the precision its flags.json records (cli.resume_precision);
+    True if it set it. An unreadable flags.json is left to claim(), which says
+    what is wrong with it."""
+    try:
+        return cli.resume_precision(workdir.read_json(workdir.SETTINGS))
+    except ValueError:
+        return False
 
 
 # Set by the launcher of a local cluster, which holds the run's lock for its workers.
@@ -765,12 +772,7 @@ def _main(argv):
         cli.adopt_run_settings(saved)
         if FLAGS.mode == "evaluate":  # the run's own evaluation, unless told otherwise
             cli.adopt_evaluation(recorded_evaluation(workdir))
-    resumed_precision = False
-    if FLAGS.mode in TRAINING:  # a resumed run keeps its precision (claim() checks the rest)
-        try:
-            resumed_precision = cli.resume_precision(workdir.read_json(Workdir.SETTINGS))
-        except ValueError:
-            pass  # claim() says what is wrong with the file
+    resumed_precision = FLAGS.mode in TRAINING and resume_precision(workdir)
     keras.utils.set_random_seed(FLAGS.seed)
     # Training modes train in --precision; evaluation and export run in float32.
     policy, why = (ardir_tf.precision.choose(FLAGS.precision) if FLAGS.mode in TRAINING

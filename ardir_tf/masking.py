@@ -211,12 +211,18 @@ class ProbeCallback(keras.callbacks.Callback):
     epoch) and in the epoch's logs (`probe_pgd10`, ..., so that they reach
     `fit`'s History and CSV loggers). A gap that opens between the first and
     the last step count is the attack-specific robustness of a masked model.
+    A model trained under a mixed policy is probed as its float32 copy, the
+    epoch's weights copied into it (what `evaluate` measures and the export
+    deploys).
     """
 
     def __init__(self, model, x, y, eps, norm="linf", steps=(10, 50), every=1,
                  batch_size=256, seed=0):
         super().__init__()
-        self.probed = model
+        self.source = model
+        # A mixed-precision model is probed as its float32 copy, as `probe` and
+        # `evaluate` run it, given the model's weights before each probe.
+        self.probed = precision.float32_model(model)
         self.x = np.asarray(x, np.float32)
         self.y = np.asarray(y).reshape(-1).astype(np.int64)
         self.eps, self.norm, self.every = float(eps), norm, int(every)
@@ -224,7 +230,7 @@ class ProbeCallback(keras.callbacks.Callback):
         self.batch_size, self.seed = batch_size, seed
         self.history = []
         self._attacks = {}
-        self._grads = _gradient_function(model, norm)  # traced once, not every epoch
+        self._grads = _gradient_function(self.probed, norm)  # traced once, not every epoch
 
     def _right(self, steps):
         if steps not in self._attacks:
@@ -246,6 +252,8 @@ class ProbeCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every:
             return
+        if self.probed is not self.source:
+            self.probed.set_weights(self.source.get_weights())
         entry = {"epoch": epoch + 1}
         for k in self.steps:
             x_adv, right = self._right(k)

@@ -77,3 +77,25 @@ def test_the_callback_records_the_probe_each_epoch_into_the_history(images):
     # The same numbers reach fit's History (and so CSV loggers and TensorBoard).
     assert history.history["probe_pgd6"] == [e["pgd6"] for e in probe.history]
     assert history.history["probe_grad_median"] == [e["grad_median"] for e in probe.history]
+
+
+def test_the_callback_probes_a_mixed_precision_model_as_its_float32_copy(images):
+    """Under mixed_bfloat16 the callback attacks the float32 copy of the model,
+    with the weights the model has at the epoch's end."""
+    import keras
+    import numpy as np
+    from ardir_tf import models, precision
+    x, y = images
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = models.build("small_cnn", (8, 8, 1), 10, width=4)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    probe = masking.ProbeCallback(model, x[:16], y[:16], EPS, steps=(2,))
+    assert precision.compute_dtypes(model) == "mixed_bfloat16"
+    assert precision.compute_dtypes(probe.probed) == "float32"
+    model.set_weights([w + 0.01 for w in model.get_weights()])  # as an epoch of training
+    probe.on_epoch_end(0)
+    for got, want in zip(probe.probed.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+    assert 0 <= probe.history[0]["pgd2"] <= 1
