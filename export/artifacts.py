@@ -34,7 +34,9 @@ only when every check passes: a failed or interrupted export leaves the previous
 export (or nothing) where it was, never a half-written model.
 """
 
+import contextlib
 import datetime
+import fcntl
 import glob
 import hashlib
 import json
@@ -134,6 +136,23 @@ def _check_target(directory):
             raise ExportError(f"{directory} holds files its export did not write "
                               f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
                               "move them, or choose another directory")
+
+
+@contextlib.contextmanager
+def _exclusive(parent, directory):
+    """Holds an flock on the directory `parent` while an export writes into it:
+    a second export there (of `directory` or a sibling) is refused instead of
+    renaming its files into the first one's half-finished replacement."""
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ExportError(f"another export is writing into {parent} (of {directory} or "
+                              "a directory beside it); wait for it to finish") from None
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def _recover(directory):
@@ -286,71 +305,72 @@ def export(model, directory, x, y, *, attack, card=None, name="student",
     """
     log = log or (lambda message: None)
     directory = os.path.abspath(directory)
-    _check_target(directory)
-    if not MIN_OPSET <= opset <= max_opset():
-        raise ExportError(f"opset {opset} is not supported; tf2onnx {max_opset()} "
-                          f"writes opsets {MIN_OPSET} to {max_opset()}")
-    serving = serving_model(model)
-    body = serving.get_layer(model.name)
-    x = np.asarray(x, np.float32)
-    trained_policy = precision.compute_dtypes(model)
-    # A float32 model is its own reference (so parity covers the rewrite too); a
-    # mixed-precision one is compared in float32, its float16 drift recorded apart.
-    reference = model if trained_policy == "float32" else body
-
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-    try:
-        log(f"writing {SAVED_MODEL}/, {name}.onnx (opset {opset}) and {name}.keras")
-        model.save(os.path.join(tmp, f"{name}.keras"))
-        serving.export(os.path.join(tmp, SAVED_MODEL), format="tf_saved_model", verbose=False)
-        with warnings.catch_warnings():  # tf2onnx's numpy-2 deprecation notices
-            warnings.simplefilter("ignore")
-            serving.export(os.path.join(tmp, f"{name}.onnx"), format="onnx",
-                           opset_version=opset, verbose=False)
-        session = _onnx_runtime(os.path.join(tmp, f"{name}.onnx"))
-        loaded = tf.saved_model.load(os.path.join(tmp, SAVED_MODEL))
+    with _exclusive(parent, directory):
+        _check_target(directory)
+        if not MIN_OPSET <= opset <= max_opset():
+            raise ExportError(f"opset {opset} is not supported; tf2onnx {max_opset()} "
+                              f"writes opsets {MIN_OPSET} to {max_opset()}")
+        serving = serving_model(model)
+        body = serving.get_layer(model.name)
+        x = np.asarray(x, np.float32)
+        trained_policy = precision.compute_dtypes(model)
+        # A float32 model is its own reference (so parity covers the rewrite too); a
+        # mixed-precision one is compared in float32, its float16 drift recorded apart.
+        reference = model if trained_policy == "float32" else body
 
-        log(f"parity: Keras vs SavedModel vs ONNX Runtime on {len(x)} clean and "
-            f"{len(x)} adversarial inputs, batch sizes {', '.join(map(str, batch_sizes))}")
-        x_adv = attack(lambda z: reference(z, training=False), x, y).numpy()
-        result = parity.compare(
-            lambda z: reference(z, training=False),
-            {"savedmodel": lambda z: loaded.serve(tf.constant(z))["logits"],
-             "onnxruntime": lambda z: session.run(["logits"], {"images": z})[0]},
-            {"clean": x, "pgd": x_adv}, batch_sizes=batch_sizes, tolerance=tolerance)
-        if not result["passed"]:
-            raise ExportError("the export does not compute the Keras model's function; "
-                              "nothing was written:\n  " +
-                              "\n  ".join(parity.failures(result)))
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+        try:
+            log(f"writing {SAVED_MODEL}/, {name}.onnx (opset {opset}) and {name}.keras")
+            model.save(os.path.join(tmp, f"{name}.keras"))
+            serving.export(os.path.join(tmp, SAVED_MODEL), format="tf_saved_model", verbose=False)
+            with warnings.catch_warnings():  # tf2onnx's numpy-2 deprecation notices
+                warnings.simplefilter("ignore")
+                serving.export(os.path.join(tmp, f"{name}.onnx"), format="onnx",
+                               opset_version=opset, verbose=False)
+            session = _onnx_runtime(os.path.join(tmp, f"{name}.onnx"))
+            loaded = tf.saved_model.load(os.path.join(tmp, SAVED_MODEL))
 
-        small = None
-        if quantize or litert:
-            try:
-                small = variants.write(tmp, name, quantize, litert, calibration, x, y,
-                                       robustness, worst_case_margin,
-                                       (card or {}).get("class_names"), log)
-            except variants.VariantError as err:
-                raise ExportError(str(err)) from None
-        shape = [None, *map(int, model.inputs[0].shape[1:])]
-        num_classes = int(serving.outputs[0].shape[-1])
-        log(f"writing {repositories.TRITON}/{name}/ (Triton) and "
-            f"{repositories.TF_SERVING}/{name}/ (TF Serving)")
-        servers = repositories.write(
-            tmp, name, os.path.join(tmp, f"{name}.onnx"), os.path.join(tmp, SAVED_MODEL),
-            shape[1:], num_classes, max_batch, (card or {}).get("class_names"),
-            {kind: os.path.join(tmp, f"{name}.{kind}.onnx") for kind in quantize})
-        full = _card(card, name, shape, num_classes, opset, servers, trained_policy, result,
-                     small, tmp)
-        if trained_policy != "float32":
-            full["dtype"]["max_abs_logit_diff_vs_trained"] = float(np.max(np.abs(
-                np.asarray(model(x, training=False), np.float32) -
-                np.asarray(reference(x, training=False)))))
-        with open(os.path.join(tmp, CARD), "w") as f:
-            json.dump(full, f, indent=2)
-            f.write("\n")
-        _move_into_place(tmp, directory)
-        return full
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            log(f"parity: Keras vs SavedModel vs ONNX Runtime on {len(x)} clean and "
+                f"{len(x)} adversarial inputs, batch sizes {', '.join(map(str, batch_sizes))}")
+            x_adv = attack(lambda z: reference(z, training=False), x, y).numpy()
+            result = parity.compare(
+                lambda z: reference(z, training=False),
+                {"savedmodel": lambda z: loaded.serve(tf.constant(z))["logits"],
+                 "onnxruntime": lambda z: session.run(["logits"], {"images": z})[0]},
+                {"clean": x, "pgd": x_adv}, batch_sizes=batch_sizes, tolerance=tolerance)
+            if not result["passed"]:
+                raise ExportError("the export does not compute the Keras model's function; "
+                                  "nothing was written:\n  " +
+                                  "\n  ".join(parity.failures(result)))
+
+            small = None
+            if quantize or litert:
+                try:
+                    small = variants.write(tmp, name, quantize, litert, calibration, x, y,
+                                           robustness, worst_case_margin,
+                                           (card or {}).get("class_names"), log)
+                except variants.VariantError as err:
+                    raise ExportError(str(err)) from None
+            shape = [None, *map(int, model.inputs[0].shape[1:])]
+            num_classes = int(serving.outputs[0].shape[-1])
+            log(f"writing {repositories.TRITON}/{name}/ (Triton) and "
+                f"{repositories.TF_SERVING}/{name}/ (TF Serving)")
+            servers = repositories.write(
+                tmp, name, os.path.join(tmp, f"{name}.onnx"), os.path.join(tmp, SAVED_MODEL),
+                shape[1:], num_classes, max_batch, (card or {}).get("class_names"),
+                {kind: os.path.join(tmp, f"{name}.{kind}.onnx") for kind in quantize})
+            full = _card(card, name, shape, num_classes, opset, servers, trained_policy, result,
+                         small, tmp)
+            if trained_policy != "float32":
+                full["dtype"]["max_abs_logit_diff_vs_trained"] = float(np.max(np.abs(
+                    np.asarray(model(x, training=False), np.float32) -
+                    np.asarray(reference(x, training=False)))))
+            with open(os.path.join(tmp, CARD), "w") as f:
+                json.dump(full, f, indent=2)
+                f.write("\n")
+            _move_into_place(tmp, directory)
+            return full
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -275,6 +275,24 @@ def test_an_export_killed_while_moving_into_place_is_recovered(tmp_path):
     assert not old.exists() and (tmp_path / "export" / artifacts.CARD).exists()
 
 
+def test_a_second_export_into_the_same_directory_is_refused_while_one_runs(small, tmp_path):
+    """While one export writes into a directory (it holds an flock on it), a
+    second one there is refused, and writes nothing; once it is done, the next
+    export goes ahead."""
+    import fcntl
+    holder = os.open(tmp_path, os.O_RDONLY)  # as a running export holds it
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(artifacts.ExportError,
+                           match=f"another export is writing into {tmp_path}"):
+            export_small(small, tmp_path / "export")
+        assert os.listdir(tmp_path) == []
+    finally:
+        os.close(holder)
+    export_small(small, tmp_path / "export")
+    assert (tmp_path / "export" / artifacts.CARD).is_file()
+
+
 def test_export_refuses_targets_that_are_not_exports(small, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes/keep.txt").write_text("mine")
