@@ -40,8 +40,9 @@ def format_table(reports):
         if verified:
             steps = ", ".join(f"{a} {v:.4f}" for a, v in verified["robust_accuracy"].items())
             lines.append(f"WARNING  {name}: its gradient attacks' numbers are UNRELIABLE; the "
-                         f"standard attacks run on the points they left standing took the "
-                         f"worst case from {verified['unverified_worst_case_accuracy']:.4f} "
+                         f"sanity checks' attacks within eps and the standard attacks run on "
+                         f"the points they left standing took the worst case from "
+                         f"{verified['unverified_worst_case_accuracy']:.4f} "
                          f"to {verified['worst_case_accuracy']:.4f}"
                          + (f" (after {steps})" if steps else "")
                          + "; the worst column holds that number")
@@ -50,6 +51,10 @@ def format_table(reports):
                          "accuracy is likely too high")
         elif r.get("reliable") is None:
             lines.append(f"note     {name}: sanity checks not run")
+        if r.get("sanity_broke") and not verified:
+            lines.append(f"note     {name}: the sanity checks' attacks within eps broke "
+                         f"{r['sanity_broke']} of the points the attacks above left standing; "
+                         "the worst column counts them")
     return "\n".join(lines)
 
 
@@ -65,8 +70,8 @@ def verdicts(reports):
         verified = r.get("verified")
         if verified:
             number = (f"trust {verified['worst_case_accuracy']:.4f}, the worst case over "
-                      f"the evaluation's and the standard attacks, not the gradient "
-                      f"attacks' {verified['unverified_worst_case_accuracy']:.4f}")
+                      f"the evaluation's, the sanity checks' and the standard attacks, not "
+                      f"the gradient attacks' {verified['unverified_worst_case_accuracy']:.4f}")
         else:
             number = (f"its worst case {r['worst_case_accuracy']:.4f} is an upper bound: "
                       "evaluate it with --attacks=fast,standard")

@@ -286,6 +286,9 @@ def test_points_the_sanity_checks_break_within_eps_are_not_counted_robust(traine
     assert sum(c["robust_accuracy"] * c["n"] for c in r["per_class"].values()) == \
         pytest.approx(r["worst_case_accuracy"] * 48)
     assert r["scoring"] == evaluate.SCORING == 2
+    # The table says why its worst column is below every attack's column.
+    assert f"m: the sanity checks' attacks within eps broke {r['sanity_broke']} of the " \
+        "points the attacks above left standing" in report.format_table({"m": r})
 
 
 class MaskedNear(keras.Model):
