@@ -18,10 +18,11 @@ class Checkpoints:
     """Each finished step of an evaluation (an attack, the sanity checks), kept in
     `directory` as `<step>.npz` under a key naming everything its result
     depends on (the model's weights, the images, the attack's settings, the
-    points it ran on, the seed): a killed evaluation run again reuses the
-    steps it finished, and a changed one recomputes them. None: keeps nothing."""
+    points it ran on, the seed, the evaluation's rules): a killed evaluation
+    run again reuses the steps it finished, and a changed one recomputes them.
+    None: keeps nothing."""
 
-    def __init__(self, directory, model, x, y, seed):
+    def __init__(self, directory, model, x, y, seed, scoring=None):
         weights = getattr(model, "weights", None)
         self.directory = directory if directory and weights else None
         if self.directory:
@@ -30,7 +31,10 @@ class Checkpoints:
                 digest.update(np.ascontiguousarray(np.asarray(w)).tobytes())
             digest.update(np.ascontiguousarray(x).tobytes())
             digest.update(np.ascontiguousarray(y).tobytes())
-            self.base = {"data_and_weights": digest.hexdigest(), "seed": int(seed)}
+            # scoring: the evaluation's rules (evaluate.SCORING); a step kept under
+            # other rules (an older version's) is computed again.
+            self.base = {"data_and_weights": digest.hexdigest(), "seed": int(seed),
+                         "scoring": scoring}
 
     def _key(self, key):
         return json.dumps({**self.base, **key}, sort_keys=True, default=repr)

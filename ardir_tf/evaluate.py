@@ -48,6 +48,7 @@ earlier attack broke (AutoAttack's rule: the same worst case, at less cost);
 
 import dataclasses
 import functools
+import hashlib
 import time
 from typing import Callable
 
@@ -148,10 +149,11 @@ class _Runner:
 
     Random attacks repeat for a seed without touching TensorFlow's global seed.
     The library's attacks draw from a tf.random.Generator of the function's own
-    (`attacks.drawing_from`), reset before each batch from (seed, batch
-    index): a batch draws the same numbers whichever batches ran before it, so
-    an evaluation resumed at batch k (`Parts`) gives an uninterrupted one's
-    result. Other random ops (a custom attack's tf.random calls) repeat for the
+    (`attacks.drawing_from`), set before each batch to a stream of its own,
+    keyed by (seed, attack, batch index): a batch draws the same numbers
+    whichever batches ran before it, so an evaluation resumed at batch k
+    (`Parts`) gives an uninterrupted one's result, and no two attacks or
+    batches share draws. Other random ops (a custom attack's tf.random calls) repeat for the
     whole call: each function sets the seed of its own graph (tf.random.set_seed
     inside a trace sets only that graph's seed). The caller's random state is
     left as it was."""
@@ -163,8 +165,19 @@ class _Runner:
         self.seed = int(seed)
         self._compiled, self._generators = {}, {}
 
-    def _run(self, key, make_attack, *arrays, bar=None, parts=None):
-        if key not in self._compiled:
+    def _stream(self, key, batch):
+        """The Philox key batch `batch` of the function `key` draws from: its
+        own stream (distinct keys, not neighbouring counters of one key, whose
+        outputs would be the same numbers shifted by a block)."""
+        digest = hashlib.sha256(repr((self.seed, key, batch)).encode()).digest()
+        return int.from_bytes(digest[:8], "little") % 2 ** 63
+
+    def _run(self, key, make_attack, *arrays, bar=None, parts=None, points=False):
+        """Runs the attack `key` over `arrays` (x, y, per-example extras) in
+        batches: (right, {"linf", "l2"}), or with `points` the adversarial
+        inputs themselves, drawn as the same attack's `right` draws them."""
+        compiled = (key, "points") if points else key
+        if compiled not in self._compiled:
             model_fn, seed = self.model_fn, self.seed
             attack = make_attack()
             extra = [tf.TensorSpec([None], tf.float32)] * (len(arrays) - 2)
@@ -174,6 +187,8 @@ class _Runner:
             def fn(xb, yb, *rest):
                 tf.random.set_seed(seed)  # this graph's seed only (see the class doc)
                 x_adv = xb if attack is None else attack(model_fn, xb, yb, *rest)
+                if points:
+                    return (x_adv,)
                 logits = attacks_lib._logits(model_fn(x_adv))
                 flat = tf.reshape(x_adv - xb, [tf.shape(xb)[0], -1])
                 return (tf.equal(tf.argmax(logits, -1), yb),
@@ -184,14 +199,14 @@ class _Runner:
             # logger.
             generator = tf.random.Generator.from_seed(seed)
             with attacks_lib.drawing_from(generator):
-                self._compiled[key] = tf.function(fn, autograph=False).get_concrete_function(
+                self._compiled[compiled] = tf.function(fn, autograph=False).get_concrete_function(
                     self.example, tf.TensorSpec([None], tf.int64), *extra)
-            self._generators[key] = generator
-        fn, generator, out = self._compiled[key], self._generators[key], []
+            self._generators[compiled] = generator
+        fn, generator, out = self._compiled[compiled], self._generators[compiled], []
         for b, i in enumerate(range(0, len(arrays[1]), self.batch_size)):
             got = parts.get(b) if parts is not None else None
             if got is None:
-                generator.reset_from_seed(self.seed * 2 ** 32 + b)  # (seed, batch) alone
+                generator.reset_from_key_counter(self._stream(key, b), [0, 0])
                 started = time.perf_counter()
                 got = [t.numpy() for t in fn(*(tf.convert_to_tensor(a[i: i + self.batch_size])
                                                for a in arrays))]
@@ -200,6 +215,8 @@ class _Runner:
             out.append(got)
             if bar is not None:
                 bar.add(len(out[-1][0]))
+        if points:
+            return np.concatenate([o[0] for o in out]) if out else arrays[0][:0]
         if not out:
             return np.zeros([0], bool), {"linf": np.zeros([0]), "l2": np.zeros([0])}
         right, linf, l2 = (np.concatenate(parts) for parts in zip(*out))
@@ -213,6 +230,11 @@ class _Runner:
         right, norms = self._run(("attack", name), lambda: attack, x, y, bar=bar,
                                  parts=parts)
         return (right, norms) if distances else right
+
+    def adversarial(self, name, attack, x, y):
+        """The points attack(model_fn, x, y) returns, with the random draws
+        `right(name, attack, x, y)` makes: the inputs behind its booleans."""
+        return self._run(("attack", name), lambda: attack, x, y, points=True)
 
     def right_pgd(self, steps, norm, x, y, eps, step_size):
         """As `right`, under `attacks.pgd_per_example` (eps, step_size: [n])."""
@@ -350,7 +372,7 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
     # also False where an earlier attack already broke it.
     robust, seconds, attacked, minimal = {}, {}, {}, {}
     standing = clean.copy()
-    checkpoints = Checkpoints(resume_dir, model, x, y, seed)
+    checkpoints = Checkpoints(resume_dir, model, x, y, seed, scoring=SCORING)
     for name, attack in attacks.items():
         todo = np.flatnonzero(standing if sequential else clean)
         attacked[name] = int(len(todo))
@@ -383,7 +405,7 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
                              "norm": norm}
     m = int(min(sanity_examples, len(y)))
     kept = checkpoints("sanity", {
-        "n": m, "eps": eps, "norm": norm, "scoring": SCORING,
+        "n": m, "eps": eps, "norm": norm,
         "robust": todo_key(np.concatenate([r[:m] for r in robust.values()])
                            if robust else np.zeros(0))},
         lambda: _checks(runner, x[:m], y[:m], clean[:m], {n: r[:m] for n, r in robust.items()},

@@ -137,16 +137,9 @@ def probe(model, x, y, eps, norm="linf", *, steps=(10, 20, 100), apgd_steps=100,
 
     grads = _gradient_function(model, norm)  # traced once, for x and for x'
     dual, zero_pixels, ce, logits = _gradient_stats(grads, x[todo], y[todo], batch_size)
-    first = attacks_lib.PGD(eps=eps, step_size=eps / 4, steps=steps[0], norm=norm)
-    model_fn = _model_fn(model)
-
-    def craft(a, b):
-        tf.random.set_seed(seed)  # this graph's seed only, as evaluate's runner does
-        return first(model_fn, a, b)
-    craft = tf.function(craft, autograph=False)
-    x_adv = np.concatenate([craft(tf.constant(x[todo][i:i + batch_size]),
-                                  tf.constant(y[todo][i:i + batch_size])).numpy()
-                            for i in range(0, len(todo), batch_size)]) if len(todo) else x[:0]
+    # The PGD-steps[0] points behind its accuracy above (the same draws).
+    first = f"pgd{steps[0]}"
+    x_adv = runner.adversarial(first, gradient[first].run, x[todo], y[todo])
     dual_adv, zero_adv, _, _ = _gradient_stats(grads, x_adv, y[todo], batch_size)
     top2 = np.sort(logits, axis=1)[:, -2:] if len(todo) else np.zeros([0, 2])
     return {

@@ -150,8 +150,10 @@ def _square_check(runner, x, y, robust, gradient_free, at_eps, eps, norm, verbos
     """The gradient-free check: the share of the examples the gradient attacks
     left standing (PGD-20 at eps, `at_eps`, when the evaluation ran none) that
     the evaluation's gradient-free attacks, or Square-SANITY_SQUARE_QUERIES,
-    broke. Returns (the check's result, booleans [n] right after its own
-    Square, or None when it used the evaluation's gradient-free attacks)."""
+    broke. Returns (the check's result, and None when it used the
+    evaluation's gradient-free attacks, else booleans [n]: right after its own
+    Square where it ran it, False where the evaluation's gradient attacks had
+    already broken the example)."""
     gradient = [r for name, r in robust.items() if not gradient_free[name]] or [at_eps]
     gradient_robust = np.logical_and.reduce(gradient)
     free = [r for name, r in robust.items() if gradient_free[name]]

@@ -89,7 +89,8 @@ class Workdir:
     OWNED = ("natural.keras", "teacher.keras", "student.keras", "history.csv",
              "metrics.json", "logs", "backup", "export", "workers", "robustness-*.png",
              "evaluation-partial", "teacher-evaluation-partial", "cell.json",
-             "cells", "study.csv", "study.json", "study.png")  # and a study's
+             "cells", "study.csv", "study.json", "study.png",  # and a study's
+             ".export.lock")
 
     # Keys of flags.json that record how the run was asked for without defining
     # it: why a setting was chosen (auto's reason names this machine's CPU), and
@@ -153,10 +154,10 @@ class Workdir:
             raise WorkdirError(f"{self.path(self.SETTINGS)} is not valid JSON; is this a run "
                                "of ours? Choose another --workdir") from None
         # A .tmp-* file is what a write killed half-way left: not someone's file;
-        # .lock is a run's lock file.
+        # .lock is a run's lock file, .<name>.lock an export's.
         if previous is None and os.path.isdir(self.root) and \
                 [n for n in os.listdir(self.root) if not n.startswith(".tmp-") and
-                 n != self.LOCK]:
+                 not (n.startswith(".") and n.endswith(".lock"))]:
             raise WorkdirError(f"--workdir {self.root} is not empty and holds no run of "
                                "ours (no flags.json); choose another --workdir")
         same = previous is not None and self.same_settings(previous, settings)

@@ -138,21 +138,47 @@ def _check_target(directory):
                               "move them, or choose another directory")
 
 
+def lock_path(directory):
+    """The lock file an export of `directory` holds while it writes: beside it,
+    a regular file (an flock on a directory fails on NFS)."""
+    parent, name = os.path.split(directory)
+    return os.path.join(parent, f".{name}.lock")
+
+
 @contextlib.contextmanager
-def _exclusive(parent, directory):
-    """Holds an flock on the directory `parent` while an export writes into it:
-    a second export there (of `directory` or a sibling) is refused instead of
-    renaming its files into the first one's half-finished replacement."""
-    fd = os.open(parent, os.O_RDONLY)
-    try:
+def _exclusive(directory, log):
+    """Holds an flock on `lock_path(directory)` while an export writes: a second
+    export of the same directory is refused instead of renaming its files into
+    the first one's half-finished replacement. The file is deleted when the
+    export ends (a lock taken on a file deleted meanwhile is taken again on
+    the new one). Where the file system has no flock (some network file
+    systems), the export runs unlocked, and says so."""
+    path = lock_path(directory)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ExportError(f"another export is writing into {parent} (of {directory} or "
-                              "a directory beside it); wait for it to finish") from None
+            os.close(fd)
+            raise ExportError(f"another export of {directory} is under way; wait for it to "
+                              "finish") from None
+        except OSError as err:
+            log(f"cannot lock {path} ({err.strerror}); exporting unlocked")
+            break
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # the file still at the path: the lock holds
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder deleted it as we opened it: take the new one
+    try:
         yield
     finally:
-        os.close(fd)  # releases the flock
+        try:
+            os.remove(path)  # while still holding it: no one takes a lock on it after
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def _recover(directory):
@@ -209,7 +235,7 @@ def _onnx_runtime(path):
 
 # What of a model's metrics.json entry goes into its card.
 EVALUATION_KEYS = ("norm", "eps", "n_examples", "clean_accuracy", "robust_accuracy",
-                   "worst_case_accuracy", "attack_order", "reliable")
+                   "worst_case_accuracy", "attack_order", "reliable", "scoring")
 
 
 def card_from_run(settings, metrics, dataset, class_names, model="student"):
@@ -307,7 +333,7 @@ def export(model, directory, x, y, *, attack, card=None, name="student",
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
-    with _exclusive(parent, directory):
+    with _exclusive(directory, log):
         _check_target(directory)
         if not MIN_OPSET <= opset <= max_opset():
             raise ExportError(f"opset {opset} is not supported; tf2onnx {max_opset()} "

@@ -275,22 +275,25 @@ def test_an_export_killed_while_moving_into_place_is_recovered(tmp_path):
     assert not old.exists() and (tmp_path / "export" / artifacts.CARD).exists()
 
 
-def test_a_second_export_into_the_same_directory_is_refused_while_one_runs(small, tmp_path):
-    """While one export writes into a directory (it holds an flock on it), a
-    second one there is refused, and writes nothing; once it is done, the next
-    export goes ahead."""
+def test_a_second_export_of_a_directory_is_refused_while_one_runs(small, tmp_path):
+    """While one export writes a directory (it holds an flock on the lock file
+    beside it), a second one is refused and writes nothing; once it is done,
+    the next export goes ahead (a lock file left behind, as here by a holder
+    killed before deleting it, is taken over), and deletes its lock file."""
     import fcntl
-    holder = os.open(tmp_path, os.O_RDONLY)  # as a running export holds it
-    fcntl.flock(holder, fcntl.LOCK_EX)
+    target = tmp_path / "export"
+    holder = os.open(artifacts.lock_path(str(target)), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # as a running export holds it
     try:
         with pytest.raises(artifacts.ExportError,
-                           match=f"another export is writing into {tmp_path}"):
-            export_small(small, tmp_path / "export")
-        assert os.listdir(tmp_path) == []
+                           match=f"another export of {target} is under way"):
+            export_small(small, target)
+        assert os.listdir(tmp_path) == [".export.lock"]  # the holder's
     finally:
         os.close(holder)
-    export_small(small, tmp_path / "export")
-    assert (tmp_path / "export" / artifacts.CARD).is_file()
+    export_small(small, target)
+    assert (target / artifacts.CARD).is_file()
+    assert sorted(os.listdir(tmp_path)) == ["export"]  # its own lock file is gone
 
 
 def test_export_refuses_targets_that_are_not_exports(small, tmp_path):

@@ -172,22 +172,19 @@ def _fab_finish(model_fn, x, y, candidates, eps, norm, clip, return_norms):
     that by a rounding's worth); x where none within eps is.
 
     The norms returned: the chosen candidate's; beyond eps, the least found
-    (x is returned then); inf where no candidate is adversarial."""
-    points = tf.stack([c[0] for c in candidates])  # [runs, batch, ...]
-    norms = tf.stack([c[1] for c in candidates])  # [runs, batch]
-    runs, rank = len(candidates), x.shape.rank
-    xs = tf.tile(x, [runs] + [1] * (rank - 1))
-    flat = tf.reshape(points, tf.shape(xs))
-    projected = tf.clip_by_value(xs + _project(flat - xs, eps, norm), *clip)
-    # Never report a point as broken that is not: check each candidate itself.
-    adversarial = tf.reshape(_succeeded(model_fn, projected, tf.tile(y, [runs])), [runs, -1])
-    usable = tf.where(tf.logical_or(adversarial, norms > eps), norms, np.inf)
-    pick = tf.argmin(usable, axis=0, output_type=tf.int32)
-    least = tf.reduce_min(usable, axis=0)
-    by_example = tf.reshape(projected, tf.shape(points))
-    chosen = tf.gather(tf.transpose(by_example, [1, 0] + list(range(2, rank + 1))),
-                       pick[:, None], batch_dims=1)[:, 0]
+    (x is returned then); inf where no candidate is adversarial. Candidates
+    are checked one at a time: a forward pass of one batch each, within the
+    memory the runs were given (`targets_per_run`)."""
     mask_shape = tf.concat([tf.shape(x)[:1], tf.ones_like(tf.shape(x)[1:])], 0)
+    chosen, least = x, tf.fill(tf.shape(x)[:1], np.inf)
+    for point, found in candidates:
+        projected = tf.clip_by_value(x + _project(point - x, eps, norm), *clip)
+        # Never report a point as broken that is not: check each candidate itself.
+        usable = tf.where(tf.logical_or(_succeeded(model_fn, projected, y), found > eps),
+                          found, np.inf)
+        better = usable < least  # strict: the first of equal norms, as argmin
+        chosen = tf.where(tf.reshape(better, mask_shape), projected, chosen)
+        least = tf.minimum(least, usable)
     x_adv = tf.where(tf.reshape(least <= eps, mask_shape), chosen, x)
     return (x_adv, least) if return_norms else x_adv
 
