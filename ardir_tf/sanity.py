@@ -38,7 +38,7 @@ UNBOUNDED_MAX_ACCURACY = 0.05
 # Square may break this fraction of the points the gradient attacks left
 # standing (or 2 of them, if more) before the gradient attacks are called
 # masked. On honest models (the default digits run's teacher and student)
-# Square-1000 broke 2.3% and 2.7% of the points the fast attacks left standing
+# Square-1000 broke 1.6% and 3.1% of the points the fast attacks left standing
 # (docs/results/digits.md).
 SQUARE_MARGIN = 0.05
 EPS_FACTORS = (0.25, 0.5, 1.0, 1.5, 2.0)
