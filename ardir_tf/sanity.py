@@ -33,6 +33,14 @@ from ardir_tf import attacks
 # Accuracy may rise by this much (or two examples, if more) and still count as
 # "not rising": with random starts, a few examples flip either way between runs.
 TOLERANCE = 0.01
+# ...and a larger rise counts only if the random starts do not explain it: of
+# the examples the two runs disagree on, the later one (more steps, a larger
+# eps) leaves standing more than a fair coin would, at this one-sided p-value
+# (a sign test). Each run draws its own random starts; on the default digits
+# run's honest teacher and student, PGD-20 and PGD-100 at eps disagreed by up
+# to 6 examples of 360 between seeds, which the slack alone failed on 2 seeds
+# of 20 (docs/results/digits.md).
+SIGNIFICANCE = 0.01
 # "Near zero" for the unbounded attack.
 UNBOUNDED_MAX_ACCURACY = 0.05
 # Square may break this fraction of the points the gradient attacks left
@@ -45,10 +53,27 @@ EPS_FACTORS = (0.25, 0.5, 1.0, 1.5, 2.0)
 SANITY_SQUARE_QUERIES = 1000
 
 
-def _not_rising(values, n):
-    # Two examples' worth of slack on small evaluations.
-    slack = max(TOLERANCE, 2.0 / n)
-    return all(b <= a + slack for a, b in zip(values, values[1:]))
+def _rises(before, after):
+    """Whether `after` (booleans: right after the attack) leaves more examples
+    standing than `before` by more than the slack and than random starts
+    explain."""
+    n = len(before)
+    up = int(np.sum(after & ~before))  # right after it, broken before it
+    down = int(np.sum(before & ~after))
+    if up - down <= max(TOLERANCE * n, 2.0):
+        return False
+    return _sign_test(up, up + down) < SIGNIFICANCE
+
+
+def _sign_test(k, n):
+    """P(X >= k) for X ~ Binomial(n, 1/2)."""
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
+
+
+def _not_rising(rights):
+    """No run in `rights` (booleans per example, in order) leaves significantly
+    more examples standing than the one before it."""
+    return not any(_rises(a, b) for a, b in zip(rights, rights[1:]))
 
 
 def run_checks(runner, x, y, clean, robust, gradient_free, *, eps, norm, verbose=0):
@@ -101,7 +126,7 @@ def check(runner, x, y, clean, robust, gradient_free, *, eps, norm, verbose=0):
     sweep_eps = [0.0] + [f * eps for f in EPS_FACTORS]
     sweep_right = [clean, *survived(20, sweep_eps[1:], 0.25, "PGD-20 eps sweep")]
     sweep_acc = [float(r.mean()) for r in sweep_right]
-    ok = _not_rising(sweep_acc, n)
+    ok = _not_rising(sweep_right)
     out["eps_sweep"] = {
         "passed": ok, "eps": sweep_eps, "accuracy": sweep_acc,
         "message": "PGD-20 accuracy falls as eps grows" if ok else
@@ -124,7 +149,7 @@ def check(runner, x, y, clean, robust, gradient_free, *, eps, norm, verbose=0):
     hundred[todo], unbounded_right[todo] = right[: len(todo)], right[len(todo):]
     steps_acc = {10: float(ten.mean()), 20: float(at_eps.mean()),
                  100: float(hundred.mean())}
-    ok = _not_rising(list(steps_acc.values()), n)
+    ok = _not_rising([ten, at_eps, hundred])
     out["more_steps"] = {
         "passed": ok, "steps": list(steps_acc), "accuracy": list(steps_acc.values()),
         "message": "more PGD steps do not raise accuracy" if ok else

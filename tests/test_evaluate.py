@@ -200,24 +200,34 @@ def test_bad_arguments(trained, digits):
 class StubRunner:
     """An evaluate._Runner whose answers are given: every PGD of the sanity
     checks breaks the examples in `pgd_breaks`, Square those in `square_breaks`
-    (indices into the examples it is asked about)."""
+    (booleans over the examples; each example's pixels hold its index, so the
+    stub answers for the examples it is asked about, wherever they are)."""
 
     def __init__(self, pgd_breaks, square_breaks):
         self.pgd_breaks, self.square_breaks = pgd_breaks, square_breaks
 
     def right_pgd(self, steps, norm, x, y, eps, step_size):
-        n = len(self.pgd_breaks)
-        return ~np.tile(self.pgd_breaks, len(y) // n)
+        return ~self.pgd_breaks[indices(x)]
 
     def right(self, name, attack, x, y, bar=None):
-        return ~self.square_breaks[: len(y)]
+        return ~self.square_breaks[indices(x)]
+
+
+def indices(x):
+    return np.asarray(x)[:, 0, 0, 0].astype(int)
+
+
+def indexed(n):
+    """n examples whose pixels hold their index, and labels."""
+    return (np.arange(n, dtype=np.float32)[:, None, None, None] * np.ones((1, 8, 8, 1), np.float32),
+            np.zeros(n, np.int64))
 
 
 def square_check(n, standing, square_breaks):
     """square_vs_gradient on n examples all classified right, of which PGD leaves
     the first `standing` standing, and Square (in the evaluation) breaks the
     first `square_breaks` of those."""
-    x, y = np.zeros((n, 8, 8, 1), np.float32), np.zeros(n, np.int64)
+    x, y = indexed(n)
     pgd_robust = np.arange(n) < standing
     square_robust = pgd_robust & (np.arange(n) >= square_breaks)
     runner = StubRunner(~pgd_robust, ~square_robust)
@@ -250,22 +260,52 @@ def test_square_vs_gradient_is_a_share_of_the_points_left_standing():
 
 def test_the_checks_return_which_points_survived_their_attacks_within_eps():
     # PGD (every run of it, here) breaks examples 0-2; the checks' own Square
-    # (the evaluation has no gradient-free attack) breaks example 5.
+    # (the evaluation has no gradient-free attack) would break 5 and 8, but
+    # example 8 was already broken by the evaluation's gradient attack, so
+    # Square runs on the others only; example 9 is misclassified clean.
     n = 10
-    x, y = np.zeros((n, 8, 8, 1), np.float32), np.zeros(n, np.int64)
-    clean = np.ones(n, bool)
+    x, y = indexed(n)
+    clean = np.arange(n) != 9
+    evaluation = clean & (np.arange(n) != 8)
     pgd_breaks = np.isin(np.arange(n), [0, 1, 2])
-    runner = StubRunner(pgd_breaks, np.isin(np.arange(n), [5]))
-    checks, survived = sanity.check(runner, x, y, clean, {"none": clean}, {"none": False},
-                                    eps=0.1, norm="linf")
-    np.testing.assert_array_equal(np.flatnonzero(~survived), [0, 1, 2, 5])
-    assert checks == sanity.run_checks(runner, x, y, clean, {"none": clean}, {"none": False},
-                                       eps=0.1, norm="linf")
+    runner = StubRunner(pgd_breaks, np.isin(np.arange(n), [5, 8]))
+    checks, survived = sanity.check(runner, x, y, clean, {"none": evaluation},
+                                    {"none": False}, eps=0.1, norm="linf")
+    np.testing.assert_array_equal(np.flatnonzero(~survived), [0, 1, 2, 5, 8, 9])
+    # Square ran on the 8 the evaluation's attack left standing: it broke 5.
+    assert checks["square_vs_gradient"]["square_broke"] == 1
+    assert checks == sanity.run_checks(runner, x, y, clean, {"none": evaluation},
+                                       {"none": False}, eps=0.1, norm="linf")
     # With a gradient-free attack in the evaluation the checks run no Square of
     # their own: only their PGDs count.
     _, survived = sanity.check(runner, x, y, clean, {"none": clean, "free": clean},
                                {"none": False, "free": True}, eps=0.1, norm="linf")
-    np.testing.assert_array_equal(np.flatnonzero(~survived), [0, 1, 2])
+    np.testing.assert_array_equal(np.flatnonzero(~survived), [0, 1, 2, 9])
+
+
+def test_a_rise_fails_only_beyond_the_slack_and_what_random_starts_explain():
+    """more_steps and eps_sweep fail when the later run leaves more standing by
+    more than 1% (or 2 examples) AND the examples the two disagree on lean its
+    way more than a fair coin's flips would (sign test, p < 0.01)."""
+    n = 360
+    before = np.zeros(n, bool)
+    before[:260] = True
+
+    def after(up, down):
+        a = before.copy()
+        a[260:260 + up] = True  # left standing now, broken before
+        a[:down] = False        # broken now, standing before
+        return a
+    # 8 up, 3 down: 5 more standing (over the 3.6 slack), but a fair coin gives
+    # 8 or more heads of 11 with p = 0.11: random starts. The slack alone failed it.
+    assert not sanity._rises(before, after(8, 3))
+    assert sanity._sign_test(8, 11) == pytest.approx(232 / 2048)
+    # 30 up, 0 down: more steps un-broke 30 points; no coin does that.
+    assert sanity._rises(before, after(30, 0))
+    assert not sanity._not_rising([before, after(30, 0)])
+    # Within the slack (3 more standing of 360, under 3.6): never a rise.
+    assert not sanity._rises(before, after(3, 0))
+    assert sanity._not_rising([before, after(2, 1), after(2, 1)])
 
 
 def test_points_the_sanity_checks_break_within_eps_are_not_counted_robust(trained, digits):
