@@ -76,9 +76,9 @@ class Parts:
     """The finished batches of one step of an evaluation, each kept as
     `<step>.batch-<i>.npz` under the step's key: an attack killed halfway
     resumes at its first unfinished batch. A batch's random draws (random
-    starts, Square's proposals) depend on the seed and the batch alone
-    (evaluate's runner), so the resumed attack's result is the uninterrupted
-    one's."""
+    starts, Square's proposals) depend on the seed, the attack's name and the
+    batch alone (evaluate's runner), so the resumed attack's result is the
+    uninterrupted one's."""
 
     def __init__(self, directory, step, key):
         self.directory, self.step, self.key = directory, step, key

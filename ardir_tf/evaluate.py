@@ -66,7 +66,8 @@ from ardir_tf.checkpoints import Checkpoints, kept_seconds, todo_key
 #   1  the evaluation's attacks (and the standard ones `verify` adds)
 #   2  also the sanity checks' own attacks within eps (PGD-10/20/100, their
 #      Square-1000), on the examples the checks ran on; and each batch's random
-#      draws depend on (seed, batch) alone, so other draws than 1's; FAB-T
+#      draws depend on (seed, attack name, batch) alone, so other draws than
+#      1's; more_steps and eps_sweep allow what random starts explain; FAB-T
 #      keeps the least candidate that passes its final check, not only the least
 SCORING = 2
 
@@ -358,6 +359,10 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
     trained_in = precision.compute_dtypes(model) if isinstance(model, keras.Model) else None
     model = precision.float32_model(model)  # no number depends on bfloat16/float16 rounding
     attacks = _attacks(attacks, eps, norm, model, batch_size)
+    reserved = [n for n in attacks if n == "clean" or n.startswith(("sanity-", "verify-"))]
+    if reserved:  # the runner's own functions go by these names
+        raise ValueError(f"attack name {reserved[0]!r} is reserved for the evaluation's own "
+                         "steps (clean, sanity-*, verify-*); name the attack otherwise")
     if sequential:
         # Gradient-free attacks last, as in AutoAttack: the gradient-free check
         # asks what they break of the points every gradient attack left

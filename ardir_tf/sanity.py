@@ -36,10 +36,12 @@ TOLERANCE = 0.01
 # ...and a larger rise counts only if the random starts do not explain it: of
 # the examples the two runs disagree on, the later one (more steps, a larger
 # eps) leaves standing more than a fair coin would, at this one-sided p-value
-# (a sign test). Each run draws its own random starts; on the default digits
-# run's honest teacher and student, PGD-20 and PGD-100 at eps disagreed by up
-# to 6 examples of 360 between seeds, which the slack alone failed on 2 seeds
-# of 20 (docs/results/digits.md).
+# (a sign test). With none the other way, p < 0.01 needs a rise of 7 examples
+# (2^-7 < 0.01 < 2^-6), so below about 700 examples that, not the slack, is
+# the smallest rise that fails. Each run draws its own random starts; on the
+# default digits run's honest teacher and student, one seed's PGD-100 at eps
+# left up to 6 more of 360 examples standing than its PGD-20, which the slack
+# alone failed on 2 seeds of 20 (docs/results/digits.md).
 SIGNIFICANCE = 0.01
 # "Near zero" for the unbounded attack.
 UNBOUNDED_MAX_ACCURACY = 0.05
@@ -54,9 +56,10 @@ SANITY_SQUARE_QUERIES = 1000
 
 
 def _rises(before, after):
-    """Whether `after` (booleans: right after the attack) leaves more examples
-    standing than `before` by more than the slack and than random starts
-    explain."""
+    """Whether `after` (right after the attack, per example) leaves more
+    examples standing than `before` by more than the slack and than random
+    starts explain."""
+    before, after = np.asarray(before, bool), np.asarray(after, bool)
     n = len(before)
     up = int(np.sum(after & ~before))  # right after it, broken before it
     down = int(np.sum(before & ~after))
@@ -66,8 +69,13 @@ def _rises(before, after):
 
 
 def _sign_test(k, n):
-    """P(X >= k) for X ~ Binomial(n, 1/2)."""
-    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
+    """P(X >= k) for X ~ Binomial(n, 1/2), summed in log space (linear in n)."""
+    if k <= 0:
+        return 1.0
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+            for i in range(k, n + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
 
 
 def _not_rising(rights):

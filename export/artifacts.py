@@ -140,9 +140,14 @@ def _check_target(directory):
 
 def lock_path(directory):
     """The lock file an export of `directory` holds while it writes: beside it,
-    a regular file (an flock on a directory fails on NFS)."""
-    parent, name = os.path.split(directory)
+    a regular file (an flock on a directory fails on NFS), named after the
+    directory's real path (two spellings of one directory share it)."""
+    parent, name = os.path.split(os.path.realpath(directory))
     return os.path.join(parent, f".{name}.lock")
+
+
+def _same_file(a, b):
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 @contextlib.contextmanager
@@ -154,8 +159,13 @@ def _exclusive(directory, log):
     the new one). Where the file system has no flock (some network file
     systems), the export runs unlocked, and says so."""
     path = lock_path(directory)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    for _ in range(100):  # each retry: a holder deleted the file as we opened it
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ExportError(f"cannot open the export's lock file {path} ({err.strerror}); "
+                              "is it another user's? Delete it if no export is running") \
+                from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -163,22 +173,32 @@ def _exclusive(directory, log):
             raise ExportError(f"another export of {directory} is under way; wait for it to "
                               "finish") from None
         except OSError as err:
+            os.close(fd)
             log(f"cannot lock {path} ({err.strerror}); exporting unlocked")
+            fd = None
             break
         try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            if _same_file(os.stat(path), os.fstat(fd)):
                 break  # the file still at the path: the lock holds
         except FileNotFoundError:
             pass
-        os.close(fd)  # the holder deleted it as we opened it: take the new one
+        except OSError:
+            os.close(fd)
+            raise
+        os.close(fd)
+    else:
+        raise ExportError(f"could not take the export's lock file {path}: it was replaced "
+                          "100 times in a row")
     try:
         yield
     finally:
-        try:
-            os.remove(path)  # while still holding it: no one takes a lock on it after
-        except OSError:
-            pass
-        os.close(fd)
+        if fd is not None:
+            try:  # while still holding it: no one takes a lock on it after
+                if _same_file(os.stat(path), os.fstat(fd)):
+                    os.remove(path)
+            except OSError:
+                pass
+            os.close(fd)
 
 
 def _recover(directory):

@@ -195,6 +195,12 @@ def test_bad_arguments(trained, digits):
         evaluate.evaluate(model, digits_ds(digits), 0.1, attacks="strong")
     with pytest.raises(ValueError, match="empty dataset"):
         evaluate.evaluate(model, digits_ds(digits).take(0), 0.1)
+    # The evaluation's own steps' names: an attack called "clean" would have run
+    # as the clean pass (its robust accuracy the clean accuracy).
+    fgsm = evaluate.fast(0.1)["fgsm"]
+    for name in ("clean", "sanity-square", "verify-apgd_ce"):
+        with pytest.raises(ValueError, match=f"attack name '{name}' is reserved"):
+            evaluate.evaluate(model, digits_ds(digits, 8), 0.1, attacks={name: fgsm})
 
 
 class StubRunner:

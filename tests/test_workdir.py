@@ -72,13 +72,16 @@ def test_a_killed_write_or_overwrite_leaves_a_directory_the_command_can_claim(tm
     # A write of the first flags.json killed half-way leaves only its .tmp-* file.
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / ".tmp-x1.json").write_text('{"eps"')
+    # ...and an export killed before deleting its lock file, its .export.lock.
+    (tmp_path / "new" / ".export.lock").write_text("")
     assert Workdir(tmp_path / "new").claim({"eps": 0.1}) is False
     # --overwrite killed after deleting the old run's files and before writing the
     # new flags.json: the old flags.json is still there, so the same command
     # claims the directory again. Every file the run wrote goes, others stay.
     wd = Workdir(tmp_path / "run")
     wd.claim({"eps": 0.1})
-    for name in ("student.keras", "robustness-linf-0.1.png", "cell.json", "metrics.json"):
+    for name in ("student.keras", "robustness-linf-0.1.png", "cell.json", "metrics.json",
+                 ".export.lock"):
         (tmp_path / "run" / name).write_text("x")
     (tmp_path / "run" / "evaluation-partial").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")

@@ -19,7 +19,7 @@ random start and keeps, per example, the first run that fooled the model.
 Their random numbers come from `uniform` and `normal`: TensorFlow's stateful
 random ops (a graph seed repeats them), or inside `drawing_from(generator)`
 a tf.random.Generator's, which `evaluate` resets before each batch so that a
-batch's draws depend on the seed and the batch only.
+batch's draws depend on the seed, the attack's name and the batch only.
 
 `fab` and `fab_targeted` are Croce & Hein's (2020) FAB and FAB-T: the
 adversarial example of least Linf or L2 norm they can find, with AutoAttack's

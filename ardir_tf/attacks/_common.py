@@ -17,8 +17,8 @@ LOSSES = ("ce", "kl", "cw", "dlr")
 # graph seed as cleverhans's are, or, while `drawing_from(generator)` is active
 # when an attack is traced, that tf.random.Generator. evaluate's runner uses
 # the latter and resets the generator before each batch, so that a batch's
-# draws are a function of the seed and the batch alone (a resumed evaluation
-# draws what an uninterrupted one drew).
+# draws are a function of the seed, the attack's name and the batch alone (a
+# resumed evaluation draws what an uninterrupted one drew).
 _SOURCE = threading.local()
 
 

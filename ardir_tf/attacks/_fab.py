@@ -178,7 +178,8 @@ def _fab_finish(model_fn, x, y, candidates, eps, norm, clip, return_norms):
     mask_shape = tf.concat([tf.shape(x)[:1], tf.ones_like(tf.shape(x)[1:])], 0)
     chosen, least = x, tf.fill(tf.shape(x)[:1], np.inf)
     for point, found in candidates:
-        projected = tf.clip_by_value(x + _project(point - x, eps, norm), *clip)
+        with tf.control_dependencies([least]):  # one check after the other
+            projected = tf.clip_by_value(x + _project(point - x, eps, norm), *clip)
         # Never report a point as broken that is not: check each candidate itself.
         usable = tf.where(tf.logical_or(_succeeded(model_fn, projected, y), found > eps),
                           found, np.inf)

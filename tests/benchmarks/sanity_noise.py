@@ -36,6 +36,9 @@ def main():
     parser.add_argument("--examples", type=int, default=None,
                         help="test images (default: all)")
     parser.add_argument("--seeds", type=int, default=10, help="seeds 0, 1, ...")
+    parser.add_argument("--sanity_examples", type=int, default=None,
+                        help="examples the checks run on (default: the run's setting, "
+                             "else 500)")
     args = parser.parse_args()
 
     with open(os.path.join(args.workdir, "flags.json")) as f:
@@ -48,13 +51,15 @@ def main():
     x, y = evaluate.collect(data.test, args.examples)
     eps, norm = flags["eps"], flags.get("norm", "linf")
     fgsm = {"fgsm": evaluate.fast(eps, norm)["fgsm"]}
-    print(f"{args.model} of {args.workdir}: {len(y)} examples, {norm} eps {eps:g}")
+    checked = args.sanity_examples or flags.get("sanity_examples") or 500
+    print(f"{args.model} of {args.workdir}: checks on {min(checked, len(y))} of {len(y)} "
+          f"examples, {norm} eps {eps:g}")
     print("| seed | PGD-10 | PGD-20 | PGD-100 | largest rise | more_steps | eps_sweep |")
     print("|---|---|---|---|---|---|---|")
     failed = 0
     for seed in range(args.seeds):
         r = evaluate.evaluate(model, [(x, y)], eps, norm, attacks=fgsm, seed=seed,
-                              sanity_examples=len(y), verify=False, verbose=0)
+                              sanity_examples=checked, verify=False, verbose=0)
         checks = r["sanity_checks"]
         n = checks["n_examples"]
         standing = [round(a * n) for a in checks["more_steps"]["accuracy"]]
