@@ -290,16 +290,27 @@ def _finished_cells(root):
 
 
 def cell_seconds(workdir):
-    """(training, evaluation) seconds a finished cell took, as its cell.json and
-    metrics.json recorded them; None when either is missing."""
+    """(training, evaluation) seconds a finished cell took, from its cell.json,
+    flags.json and metrics.json; None when they do not say.
+
+    A cell killed and resumed records only what its processes that finished
+    timed: its training, the epochs they trained (its seconds per epoch times
+    the run's epochs, then); its evaluation, every attack's seconds including
+    the batches kept from a killed process (the report's own "seconds" count
+    only the last process)."""
     try:
-        training_s = workdir.read_json(CELL, {}).get("seconds")
-        evaluation_s = (workdir.read_json("metrics.json") or {}).get("student", {}).get("seconds")
+        timing = workdir.read_json(CELL, {})
+        report = (workdir.read_json("metrics.json") or {}).get("student", {})
+        epochs = (workdir.read_json(Workdir.SETTINGS) or {}).get("epochs")
     except ValueError:
         return None
+    training_s, evaluation_s = timing.get("seconds"), report.get("seconds")
     if training_s is None or evaluation_s is None:
         return None
-    return training_s, evaluation_s
+    timed = timing.get("epochs") or 0
+    if timed and isinstance(epochs, int) and epochs > timed:
+        training_s = training_s / timed * epochs
+    return training_s, max(evaluation_s, sum((report.get("attack_seconds") or {}).values()))
 
 
 def _duration(seconds):

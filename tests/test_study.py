@@ -271,6 +271,23 @@ def test_a_cell_that_starts_says_how_long_the_rest_will_take(tmp_path):
     assert study._time_left([], [False]) == ""
 
 
+def test_a_resumed_cells_seconds_count_its_killed_processes_work(tmp_path):
+    """cell.json times only the epochs of processes that finished them, and a
+    report's "seconds" only its last process; the attacks' seconds include
+    the batches a killed process kept. cell_seconds gives the whole."""
+    from ardir_tf.workdir import Workdir
+    cell = Workdir(str(tmp_path))
+    cell.write_json(Workdir.SETTINGS, {"epochs": 10})
+    cell.write_json(study.CELL, {"seconds": 120.0, "epochs": 2, "evaluation": {}})
+    cell.write_json("metrics.json", {"student": {"seconds": 300.0, "attack_seconds": {
+        "apgd_t": 600.0, "square": 700.0}}})
+    assert study.cell_seconds(cell) == (600.0, 1300.0)  # 60 s an epoch x 10; 600 + 700
+    cell.write_json(study.CELL, {"seconds": 600.0, "epochs": 10})  # never killed
+    cell.write_json("metrics.json", {"student": {"seconds": 1400.0, "attack_seconds": {
+        "apgd_t": 600.0, "square": 700.0}}})  # the sanity checks' time beside the attacks'
+    assert study.cell_seconds(cell) == (600.0, 1400.0)
+
+
 def test_a_committed_study_reads_back_as_its_report():
     """docs/studies/mnist-width8: cells written before cell.json named their
     method, read through the cells' flags.json, give the rows of its study.json."""

@@ -71,9 +71,8 @@ def cell_line(root, row):
         return "-" if value is None else f"{value:.3f}"
     share = "-" if "square_only" not in square else \
         f"{square['square_only']:.1%} ({square['square_broke']} of {square['standing']})"
-    training = workdir.read_json(study.CELL, {}).get("seconds")
-    minutes = "-" if training is None else \
-        f"{training / 60:.0f} + {report.get('seconds', 0) / 60:.0f}"
+    spent = study.cell_seconds(workdir)  # a resumed cell's whole time, as best known
+    minutes = "-" if spent is None else f"{spent[0] / 60:.0f} + {spent[1] / 60:.0f}"
     return (f"| `{row['method']}`, seed {row['seed']} | {number(row['clean_accuracy'])} | "
             f"{number(by_steps.get(10))} | {number(by_steps.get(100))} | "
             f"{number(row['robust_accuracy'].get('apgd_ce'))} | {share} | "
