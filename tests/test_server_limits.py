@@ -137,7 +137,7 @@ class Tricklers:
 @pytest.mark.slow
 def test_slow_bodies_are_cut_off_while_health_and_good_requests_go_on(onnx_path):
     """200 connections trickle their bodies and 8 clients send good requests:
-    /v2/health/live answers within 100 ms throughout, every good request gets
+    /v2/health/live answers throughout, well within the body timeout, every good request gets
     ONNX Runtime's labels, every trickler gets a 408 once the body timeout
     passes, and the server's memory grows by less than 64 MiB (200 bodies of at
     most this model's body limit are 15 MiB)."""
@@ -183,7 +183,10 @@ def test_slow_bodies_are_cut_off_while_health_and_good_requests_go_on(onnx_path)
             {a[:40] for a in tricklers.answers}
         assert max(tricklers.sent) < len(npy(images)) - 1  # cut off, not finished
         assert len(latencies) >= 20 and {s for _, s in latencies} == {200}
-        assert max(t for t, _ in latencies) < 0.1, sorted(t for t, _ in latencies)[-5:]
+        # Answered, not queued behind the tricklers: a health check that waited for
+        # them would take the body timeout (1.5 s) or more. (Not a speed bound: on
+        # a loaded 2-core machine one took over 0.1 s, the bound this had before.)
+        assert max(t for t, _ in latencies) < 1.0, sorted(t for t, _ in latencies)[-5:]
         assert len(answers) >= 16
         wrong = [(status, a) for status, a in answers if status != 200 or a["labels"] != want]
         assert not wrong, wrong[:3]
