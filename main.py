@@ -463,11 +463,13 @@ def replaced_evaluation(workdir, name, stored, evaluation):
     before = cell.get("evaluation") or stored.get("evaluation")
     if not before or before == evaluation:
         return None
-    changed = ", ".join(
-        f"--{cli.EVALUATION_FLAGS[k]} {before.get(k)} -> {evaluation[k]}"
-        if k in cli.EVALUATION_FLAGS else
-        f"{k} {before.get(k, 1)} -> {evaluation[k]} (what the worst case counts)"
-        for k in evaluation if before.get(k, 1 if k == "scoring" else None) != evaluation[k])
+    before = {"scoring": 1, **before}  # recorded before evaluations named their scoring
+
+    def change(key):
+        if key in cli.EVALUATION_FLAGS:
+            return f"--{cli.EVALUATION_FLAGS[key]} {before.get(key)} -> {evaluation[key]}"
+        return f"{key} {before.get(key)} -> {evaluation[key]} (what the worst case counts)"
+    changed = ", ".join(change(k) for k in evaluation if before.get(k) != evaluation[k])
     say(f"[evaluate] {name}: replaces an evaluation made otherwise ({changed})"
         + ("; the study will evaluate this cell again" if cell else ""))
     return cell or None

@@ -419,8 +419,9 @@ def evaluate(model, dataset, eps, norm="linf", attacks="fast", n_examples=None, 
     # The checks' own attacks within eps count as the evaluation's: a point they
     # broke is not robust, whichever attack found it.
     own_worst = float(standing.mean())  # the evaluation's attacks alone
-    sanity_broke = int(np.sum(standing[:m] & ~kept["survived"]))
-    standing[:m] &= kept["survived"].astype(bool)
+    survived = kept["survived"].astype(bool)  # as kept: any integer array
+    sanity_broke = int(np.sum(standing[:m] & ~survived))
+    standing[:m] &= survived
     verified = None
     if verify and _reliable(checks) is False:
         verified = _verify(runner, x, y, standing, attacks, checks, eps, norm,

@@ -89,8 +89,9 @@ def _pgd_loop(model_fn, x, y, eps, step_size, steps, norm, loss, random_start, c
         return x_adv if clip is None else tf.clip_by_value(x_adv, *clip)
 
     x_adv = to_valid(x + _random_start(x, eps, norm)) if random_start else x
-    mask_shape = tf.concat([tf.shape(x)[:1], tf.ones_like(tf.shape(x)[1:])], 0)
-    labels = tf.cast(y, tf.int64)
+    if keep_first_success:
+        mask_shape = tf.concat([tf.shape(x)[:1], tf.ones_like(tf.shape(x)[1:])], 0)
+        labels = tf.cast(y, tf.int64)
 
     def step(i, x_adv, found, first):
         with tf.GradientTape() as tape:
