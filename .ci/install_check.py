@@ -21,12 +21,16 @@
 pip runs with --no-compile: byte-compiling all of TensorFlow's modules at
 install is half a minute of CI that an import does lazily for the modules used.
 
+Step 2 runs beside step 1's pip install, and step 5's `pip install .[test]`
+beside step 4 (neither touches what the other uses).
+
 The checkout is copied first (its tracked and untracked files, not ignored
 ones), so that the build leaves nothing in it. Prints each step's time; exits 1
 on the first failure, saying which step and what it printed.
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import re
@@ -129,6 +133,21 @@ def check_serving(name, venv, export_dir, cwd):
         sys.exit(f"FAILED: {name} ardir-serve imported {imported}")
 
 
+def make_serve_only(serve, source, work):
+    """The serving-only venv, as the README installs it; TensorFlow must be absent."""
+    step("serve-only: python -m venv", [sys.executable, "-m", "venv", serve], work)
+    step("serve-only: pip install -r requirements-serve.txt",
+         [f"{serve}/bin/pip", "install", "-q", "--no-compile", "-r",
+          os.path.join(source, "requirements-serve.txt")], work)
+    step("serve-only: pip install --no-deps .",
+         [f"{serve}/bin/pip", "install", "-q", "--no-compile", "--no-deps", source], work)
+    no_tf = subprocess.run([f"{serve}/bin/python", "-c", "import tensorflow"],
+                           capture_output=True, text=True)
+    if no_tf.returncode == 0:
+        sys.exit("FAILED: the serve-only venv has TensorFlow")
+    print("serve-only: TensorFlow is not installed: ok", flush=True)
+
+
 def installed(venv, modules):
     """Those of `modules` importable in `venv`, in their order."""
     run = subprocess.run([f"{venv}/bin/python", "-c",
@@ -153,50 +172,47 @@ def main():
         os.makedirs(outside, exist_ok=True)
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
-        full = os.path.join(work, "venv-full")
-        step("full: python -m venv", [sys.executable, "-m", "venv", full], work)
-        _, install_seconds = step("full: pip install .",
-                                  [f"{full}/bin/pip", "install", "-q", "--no-compile", source], work)
-        run_dir = os.path.join(outside, "run")
-        step("full: ardir-tf --mode=distill --flagfile=flags/smoke.cfg",
-             [f"{full}/bin/ardir-tf", "--mode=distill", "--flagfile=flags/smoke.cfg",
-              f"--workdir={run_dir}"], outside, env)
-        step("full: ardir-tf --mode=export",
-             [f"{full}/bin/ardir-tf", "--mode=export", f"--workdir={run_dir}",
-              "--parity_examples=32"], outside, env)
-        for command in ("ardir-serve", "ardir-tf"):  # absl's --help exits with status 1
-            run, _ = step(f"full: {command} --help", [f"{full}/bin/{command}", "--help"],
-                          outside, env, ok=(0, 1))
-            if "--max_batch" not in run.stdout or "USAGE" in run.stdout:
-                sys.exit(f"FAILED: {command} --help lists no flags:\n{run.stdout[:2000]}")
+        # The serve-only venv needs nothing from the full one until it serves step 1's
+        # export, and the test extra changes the full venv only after its serving
+        # check: each is made while the other venv's pip or server runs (about 15 s
+        # of CI).
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as aside:
+            serve = os.path.join(work, "venv-serve")
+            serve_ready = aside.submit(make_serve_only, serve, source, work)
+            full = os.path.join(work, "venv-full")
+            step("full: python -m venv", [sys.executable, "-m", "venv", full], work)
+            _, install_seconds = step("full: pip install .", [
+                f"{full}/bin/pip", "install", "-q", "--no-compile", source], work)
+            run_dir = os.path.join(outside, "run")
+            step("full: ardir-tf --mode=distill --flagfile=flags/smoke.cfg",
+                 [f"{full}/bin/ardir-tf", "--mode=distill", "--flagfile=flags/smoke.cfg",
+                  f"--workdir={run_dir}"], outside, env)
+            step("full: ardir-tf --mode=export",
+                 [f"{full}/bin/ardir-tf", "--mode=export", f"--workdir={run_dir}",
+                  "--parity_examples=32"], outside, env)
+            for command in ("ardir-serve", "ardir-tf"):  # absl's --help exits with status 1
+                run, _ = step(f"full: {command} --help", [f"{full}/bin/{command}", "--help"],
+                              outside, env, ok=(0, 1))
+                if "--max_batch" not in run.stdout or "USAGE" in run.stdout:
+                    sys.exit(f"FAILED: {command} --help lists no flags:\n{run.stdout[:2000]}")
 
-        test_only = ["cleverhans", "pytest", "tritonclient"]
-        if installed(full, test_only):
-            sys.exit(f"FAILED: pip install . installed test-only packages: "
-                     f"{installed(full, test_only)}")
-        print("full: no test-only package installed: ok")
+            test_only = ["cleverhans", "pytest", "tritonclient"]
+            if installed(full, test_only):
+                sys.exit(f"FAILED: pip install . installed test-only packages: "
+                         f"{installed(full, test_only)}")
+            print("full: no test-only package installed: ok")
 
-        serve = os.path.join(work, "venv-serve")
-        step("serve-only: python -m venv", [sys.executable, "-m", "venv", serve], work)
-        step("serve-only: pip install -r requirements-serve.txt",
-             [f"{serve}/bin/pip", "install", "-q", "--no-compile", "-r",
-              os.path.join(source, "requirements-serve.txt")], work)
-        step("serve-only: pip install --no-deps .",
-             [f"{serve}/bin/pip", "install", "-q", "--no-compile", "--no-deps", source], work)
-        no_tf = subprocess.run([f"{serve}/bin/python", "-c", "import tensorflow"],
-                               capture_output=True, text=True)
-        if no_tf.returncode == 0:
-            sys.exit("FAILED: the serve-only venv has TensorFlow")
-        print("serve-only: TensorFlow is not installed: ok")
-
-        export_dir = os.path.join(run_dir, "export")
-        check_serving("full", full, export_dir, outside)
-        check_serving("serve-only", serve, export_dir, outside)
-        step("serve-only: pip install --no-deps -e .",
-             [f"{serve}/bin/pip", "install", "-q", "--no-compile", "--no-deps", "-e", source], work)
-        check_serving("serve-only, editable", serve, export_dir, outside)
-        step("full: pip install .[test]",
-             [f"{full}/bin/pip", "install", "-q", "--no-compile", f"{source}[test]"], work)
+            export_dir = os.path.join(run_dir, "export")
+            check_serving("full", full, export_dir, outside)
+            serve_ready.result()  # re-raises its SystemExit, if it failed
+            test_extra = aside.submit(step, "full: pip install .[test]", [
+                f"{full}/bin/pip", "install", "-q", "--no-compile", f"{source}[test]"], work)
+            check_serving("serve-only", serve, export_dir, outside)
+            step("serve-only: pip install --no-deps -e .",
+                 [f"{serve}/bin/pip", "install", "-q", "--no-compile", "--no-deps", "-e",
+                  source], work)
+            check_serving("serve-only, editable", serve, export_dir, outside)
+            test_extra.result()
         if installed(full, test_only) != test_only:
             sys.exit(f"FAILED: pip install .[test] left out "
                      f"{sorted(set(test_only) - set(installed(full, test_only)))}")
