@@ -22,7 +22,8 @@ pip runs with --no-compile: byte-compiling all of TensorFlow's modules at
 install is half a minute of CI that an import does lazily for the modules used.
 
 Step 2 runs beside step 1's pip install, and step 5's `pip install .[test]`
-beside step 4 (neither touches what the other uses).
+beside the serve-only checks of steps 3 and 4 (neither touches what the other
+uses).
 
 The checkout is copied first (its tracked and untracked files, not ignored
 ones), so that the build leaves nothing in it. Prints each step's time; exits 1
